@@ -1,0 +1,197 @@
+"""Composition root: the only module that imports every layer and wires them together.
+
+Start-up order: store (migrations) -> notifier -> services and caches -> admin listener
+-> public listener -> scheduler.
+
+Shutdown order (the reverse, and why):
+1. stop accepting on every listener, so no new work arrives;
+2. let in-flight requests finish, bounded by ``grace`` seconds, then close what is left
+   (long-lived tunnels and terminals are told the gateway is going away);
+3. stop the scheduler, so no timer writes into a closing store;
+4. close the notifier (its HTTP session) and last the store, which everything above used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from .bus import Bus
+from .clock import Clock, SystemClock
+from .control.api import ApiContext, add_api_routes, api_auth_middleware
+from .control.notifier import Notifier, build_notifier
+from .control.ops import add_ops_routes
+from .control.problems import problem_middleware
+from .control.scheduler import Scheduler
+from .control.service import AdminService
+from .errors import ConfigError
+from .metrics import Metrics
+from .pki import server_ssl_context
+from .settings import Settings
+from .store.base import Store
+from .store.sqlite import SqliteStore
+
+__all__ = ["Gateway", "build_store"]
+
+log = logging.getLogger("domum.app")
+
+
+def build_store(settings: Settings, clock: Clock | None = None) -> Store:
+    """The store named by ``storage.url``."""
+    if settings.storage.kind == "sqlite":
+        path = settings.storage.sqlite_path
+        assert path is not None
+        return SqliteStore(path, clock)
+    raise ConfigError(f"{settings.path}: storage.url: PostgreSQL support is not available in this build")
+
+
+@dataclass
+class _Listener:
+    runner: web.AppRunner
+    addresses: list[tuple[str, int]] = field(default_factory=list)
+
+
+class Gateway:
+    """One gateway process: listeners, store, notifier, scheduler."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        store: Store | None = None,
+        notifier: Notifier | None = None,
+        grace: float = 10.0,
+        tls: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.store = store or build_store(settings, self.clock)
+        self.notifier: Notifier = notifier or build_notifier(
+            smtp_host=settings.email.smtp_host,
+            smtp_port=settings.email.smtp_port,
+            starttls=settings.email.starttls,
+            username=settings.email.username,
+            password=settings.email.password.reveal(),
+            sender=settings.email.sender or "domum-gateway@localhost",
+            sms_url=settings.sms.url,
+            sms_token=settings.sms.token.reveal(),
+            outbox_dir=settings.outbox.dir,
+        )
+        self.metrics = Metrics()
+        self.bus = Bus()
+        self.grace = grace
+        self.tls = tls
+        self.service = AdminService(
+            self.store,
+            self.notifier,
+            self.clock,
+            self.bus,
+            settings.public.base_url,
+            on_link_sent=lambda ch, outcome: self.metrics.links_sent.labels(ch, outcome).inc(),
+        )
+        self.scheduler = Scheduler(self.service, self.store)
+        self._listeners: dict[str, _Listener] = {}
+        self.admin_app = self._build_admin_app()
+        self.public_app = self._build_public_app()
+
+    # building ------------------------------------------------------------------
+    def _build_admin_app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[problem_middleware, api_auth_middleware],
+            client_max_size=1024 * 1024,
+        )
+        add_api_routes(app, ApiContext(self.store, self.service, self.clock))
+        add_ops_routes(app, self.store, self.metrics)
+        return app
+
+    def _build_public_app(self) -> web.Application:
+        app = web.Application(client_max_size=1024 * 1024)
+
+        async def root(_: web.Request) -> web.Response:
+            return web.Response(
+                text="Domum Gateway. Open the personal link you received to sign in.\n",
+                headers={"Cache-Control": "no-store"},
+            )
+
+        app.router.add_get("/", root)
+        return app
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        tls = self.settings.tls
+        for p in (tls.cert, tls.key):
+            if not Path(p).exists():
+                raise ConfigError(f"{self.settings.path}: tls: {p} does not exist; run `domum-gateway init`")
+        return server_ssl_context(tls.cert, tls.key)
+
+    # running -------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.store.open()
+        ctx = self._ssl()
+        await self._listen(
+            "admin", self.admin_app, self.settings.admin.listen.host, self.settings.admin.listen.port, ctx
+        )
+        await self._listen(
+            "public", self.public_app, self.settings.public.listen.host, self.settings.public.listen.port, ctx
+        )
+        self.scheduler.start()
+        log.info(
+            "gateway.started public=%s admin=%s store=%s",
+            self.url("public"),
+            self.url("admin"),
+            self.store.kind,
+        )
+
+    async def _listen(
+        self, name: str, app: web.Application, host: str, port: int, ctx: ssl.SSLContext | None
+    ) -> None:
+        runner = web.AppRunner(
+            app,
+            shutdown_timeout=self.grace,
+            access_log=None,
+            handle_signals=False,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=ctx, backlog=1024)
+        await site.start()
+        addrs = [(str(a[0]), int(a[1])) for a in runner.addresses]
+        self._listeners[name] = _Listener(runner, addrs)
+
+    def port(self, name: str) -> int:
+        return self._listeners[name].addresses[0][1]
+
+    def url(self, name: str) -> str:
+        host, port = self._listeners[name].addresses[0]
+        scheme = "https" if self.tls else "http"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{scheme}://{host}:{port}"
+
+    async def stop(self) -> None:
+        for listener in self._listeners.values():
+            # cleanup() stops accepting, waits for handlers up to shutdown_timeout, then closes.
+            with contextlib.suppress(Exception):
+                await listener.runner.cleanup()
+        self._listeners.clear()
+        await self.scheduler.stop()
+        close = getattr(self.notifier, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
+        await self.store.close()
+        log.info("gateway.stopped")
+
+    async def serve_forever(self, stop: asyncio.Event) -> None:
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()

@@ -1,0 +1,445 @@
+"""The control API (`/api/v1`) on the admin listener.
+
+Every route declares the least role it needs; the ``auth`` middleware resolves the Bearer
+token (stored only as a hash) before any handler runs, so a route without a role entry is
+unreachable (deny by default).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from ipaddress import ip_network
+from typing import Any
+
+from aiohttp import web
+
+from ..auth.decide import Deny, DenyReason, decide
+from ..auth.decide import explain as explain_reason
+from ..auth.grant import build_grant
+from ..auth.origin import IPAddress, normalise_address
+from ..auth.secrets import hash_secret
+from ..auth.windows import parse_instant
+from ..clock import Clock
+from ..errors import Forbidden, NotFound, Unauthorized, ValidationError
+from ..model import ApiToken, Grant, RequestStatus, Role
+from ..store.base import AuditFilter, RequestFilter, Store
+from .fields import Reader, read_json
+from .openapi import build_openapi
+from .service import Actor, AdminService
+from .views import (
+    event_json,
+    group_json,
+    iso,
+    reason_json,
+    request_json,
+    session_json,
+    target_json,
+    user_json,
+)
+
+__all__ = ["API_TOKEN", "ApiContext", "add_api_routes", "api_auth_middleware"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+API_TOKEN = web.RequestKey("api_token", ApiToken)
+
+
+class ApiContext:
+    """What the API handlers need, handed over by the composition root."""
+
+    def __init__(self, store: Store, service: AdminService, clock: Clock) -> None:
+        self.store = store
+        self.service = service
+        self.clock = clock
+        # (method, path) -> least role; AUDITOR < ADMIN
+        self.roles: dict[tuple[str, str], Role] = {}
+
+
+CTX = web.AppKey("api_ctx", ApiContext)
+
+
+def _rank(role: Role) -> int:
+    return 2 if role is Role.ADMIN else 1
+
+
+async def _resolve_token(store: Store, header: str | None) -> ApiToken:
+    if not header or not header.startswith("Bearer "):
+        raise Unauthorized("Send an API token as 'Authorization: Bearer <token>'.")
+    presented = header[7:].strip()
+    if not presented or len(presented) > 200:
+        raise Unauthorized("The API token is not valid.")
+    digest = hash_secret(presented)
+    # Looked up by SHA-256 digest: any timing difference concerns the digest, which a
+    # caller cannot steer towards a stored one, never the token itself.
+    token = await store.find_api_token(digest)
+    if token is None:
+        raise Unauthorized("The API token is not valid.")
+    return token
+
+
+@web.middleware
+async def api_auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not request.path.startswith("/api/"):
+        return await handler(request)
+    ctx = request.app[CTX]
+    token = await _resolve_token(ctx.store, request.headers.get("Authorization"))
+    resource = request.match_info.route.resource
+    canonical = resource.canonical if resource is not None else None
+    need = ctx.roles.get((request.method, canonical)) if canonical else None
+    if need is None and request.method == "HEAD" and canonical:
+        need = ctx.roles.get(("GET", canonical))
+    if need is None:
+        # Unknown path or method: let aiohttp answer 404/405 (mapped to problem+json).
+        return await handler(request)
+    if _rank(token.role) < _rank(need):
+        raise Forbidden(f"The {token.role.value} role may not do this.")
+    request[API_TOKEN] = token
+    return await handler(request)
+
+
+def actor_of(request: web.Request) -> Actor:
+    token = request[API_TOKEN]
+    return Actor(f"token:{token.name}", request.remote or "")
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda v: json.dumps(v, ensure_ascii=False))
+
+
+def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise ValidationError.one(name, f"must be an integer between {lo} and {hi}")
+    return int(raw)
+
+
+def _query_str(request: web.Request, name: str, max_len: int = 100) -> str | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    if len(raw) > max_len:
+        raise ValidationError.one(name, f"must be at most {max_len} characters")
+    return raw
+
+
+def _ctx(request: web.Request) -> ApiContext:
+    return request.app[CTX]
+
+
+# groups ----------------------------------------------------------------------
+async def create_group(request: web.Request) -> web.Response:
+    g = await _ctx(request).service.create_group(await read_json(request), actor_of(request))
+    return _json(group_json(g), 201)
+
+
+async def list_groups(request: web.Request) -> web.Response:
+    return _json({"items": [group_json(g) for g in await _ctx(request).store.list_groups()]})
+
+
+async def get_group(request: web.Request) -> web.Response:
+    g = await _ctx(request).store.get_group(request.match_info["id"])
+    if g is None:
+        raise NotFound("No such group.")
+    return _json(group_json(g))
+
+
+async def patch_group(request: web.Request) -> web.Response:
+    g = await _ctx(request).service.update_group(
+        request.match_info["id"], await read_json(request), actor_of(request)
+    )
+    return _json(group_json(g))
+
+
+async def delete_group(request: web.Request) -> web.Response:
+    await _ctx(request).service.delete_group(request.match_info["id"], actor_of(request))
+    return web.Response(status=204)
+
+
+# users -----------------------------------------------------------------------
+async def create_user(request: web.Request) -> web.Response:
+    u = await _ctx(request).service.create_user(await read_json(request), actor_of(request))
+    return _json(user_json(u), 201)
+
+
+async def list_users(request: web.Request) -> web.Response:
+    users = await _ctx(request).store.list_users(_query_str(request, "group_id", 64))
+    return _json({"items": [user_json(u) for u in users]})
+
+
+async def get_user(request: web.Request) -> web.Response:
+    u = await _ctx(request).store.get_user(request.match_info["id"])
+    if u is None:
+        raise NotFound("No such user.")
+    return _json(user_json(u))
+
+
+async def patch_user(request: web.Request) -> web.Response:
+    u = await _ctx(request).service.update_user(
+        request.match_info["id"], await read_json(request), actor_of(request)
+    )
+    return _json(user_json(u))
+
+
+async def delete_user(request: web.Request) -> web.Response:
+    await _ctx(request).service.delete_user(request.match_info["id"], actor_of(request))
+    return web.Response(status=204)
+
+
+# reasons ---------------------------------------------------------------------
+async def create_reason(request: web.Request) -> web.Response:
+    r = await _ctx(request).service.create_reason(await read_json(request), actor_of(request))
+    return _json(reason_json(r), 201)
+
+
+async def list_reasons(request: web.Request) -> web.Response:
+    return _json({"items": [reason_json(r) for r in await _ctx(request).store.list_reasons()]})
+
+
+async def get_reason(request: web.Request) -> web.Response:
+    r = await _ctx(request).store.get_reason(request.match_info["id"])
+    if r is None:
+        raise NotFound("No such reason.")
+    return _json(reason_json(r))
+
+
+async def delete_reason(request: web.Request) -> web.Response:
+    await _ctx(request).service.delete_reason(request.match_info["id"], actor_of(request))
+    return web.Response(status=204)
+
+
+# targets ---------------------------------------------------------------------
+async def create_target(request: web.Request) -> web.Response:
+    t = await _ctx(request).service.create_target(await read_json(request), actor_of(request))
+    return _json(target_json(t), 201)
+
+
+async def list_targets(request: web.Request) -> web.Response:
+    return _json({"items": [target_json(t) for t in await _ctx(request).store.list_targets()]})
+
+
+async def get_target(request: web.Request) -> web.Response:
+    t = await _ctx(request).store.get_target(request.match_info["id"])
+    if t is None:
+        raise NotFound("No such target.")
+    return _json(target_json(t))
+
+
+async def patch_target(request: web.Request) -> web.Response:
+    t = await _ctx(request).service.update_target(
+        request.match_info["id"], await read_json(request), actor_of(request)
+    )
+    return _json(target_json(t))
+
+
+async def delete_target(request: web.Request) -> web.Response:
+    await _ctx(request).service.delete_target(request.match_info["id"], actor_of(request))
+    return web.Response(status=204)
+
+
+# access requests -------------------------------------------------------------
+def _dry_run(request: web.Request) -> bool:
+    raw = request.query.get("dry_run", "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise ValidationError.one("dry_run", "must be true or false")
+    return raw in ("true", "1")
+
+
+async def create_request(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    body = await read_json(request)
+    actor = actor_of(request)
+    if _dry_run(request):
+        review = await ctx.service.review(body, actor)
+        out = request_json(review.request)
+        out["id"] = None
+        out["status"] = "review"
+    else:
+        review = await ctx.service.create_request(body, actor)
+        out = request_json(review.request)
+    out["channel"] = review.user.channel.value
+    out["user"] = {"id": review.user.id, "name": review.user.name, "third_party": review.new_user}
+    out["group"] = {"id": review.group.id, "name": review.group.name}
+    out["targets"] = [{"id": t.id, "name": t.name, "protocol": t.protocol.value} for t in review.targets]
+    return _json(out, 200 if out["status"] == "review" else 201)
+
+
+async def list_requests(request: web.Request) -> web.Response:
+    status_raw = _query_str(request, "status", 20)
+    status = None
+    if status_raw is not None:
+        try:
+            status = RequestStatus(status_raw)
+        except ValueError as exc:
+            raise ValidationError.one(
+                "status", "must be one of " + ", ".join(s.value for s in RequestStatus)
+            ) from exc
+    flt = RequestFilter(
+        status=status,
+        user_id=_query_str(request, "user_id", 64),
+        group_id=_query_str(request, "group_id", 64),
+        limit=_query_int(request, "limit", 50, 1, 500),
+        cursor=_query_str(request, "cursor", 500),
+    )
+    page = await _ctx(request).store.list_requests(flt)
+    return _json({"items": [request_json(r) for r in page.items], "next_cursor": page.next_cursor})
+
+
+async def get_request(request: web.Request) -> web.Response:
+    req = await _ctx(request).service.get_request(request.match_info["id"])
+    return _json(request_json(req))
+
+
+async def forward_request(request: web.Request) -> web.Response:
+    fwd = await _ctx(request).service.forward(request.match_info["id"], actor_of(request))
+    out = request_json(fwd.request)
+    out["sent_to"] = fwd.sent_to
+    out["channel"] = fwd.channel.value
+    return _json(out)
+
+
+async def revoke_request(request: web.Request) -> web.Response:
+    req = await _ctx(request).service.revoke(request.match_info["id"], actor_of(request))
+    return _json(request_json(req))
+
+
+# sessions --------------------------------------------------------------------
+async def list_sessions(request: web.Request) -> web.Response:
+    rid = _query_str(request, "request_id", 64)
+    sessions = await _ctx(request).store.list_sessions(rid)
+    return _json({"items": [session_json(s) for s in sessions]})
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    sid = request.match_info["id"]
+    actor = actor_of(request)
+    ended = await ctx.store.end_session(
+        sid, "terminated", ctx.clock.now(), actor.entry("session.terminated", sid)
+    )
+    if not ended:
+        raise NotFound("No live session with this id.")
+    from ..bus import Change, ChangeKind
+
+    ctx.service.bus.publish(Change(ChangeKind.SESSION, sid, "terminated by an administrator"))
+    return web.Response(status=204)
+
+
+# audit -----------------------------------------------------------------------
+async def list_audit(request: web.Request) -> web.Response:
+    since_raw = _query_str(request, "since", 64)
+    since: datetime | None = parse_instant(since_raw, "since") if since_raw else None
+    flt = AuditFilter(
+        since=since,
+        type=_query_str(request, "type", 64),
+        request_id=_query_str(request, "request_id", 64),
+        limit=_query_int(request, "limit", 100, 1, 1000),
+        cursor=_query_str(request, "cursor", 200),
+    )
+    page = await _ctx(request).store.list_audit(flt)
+    return _json({"items": [event_json(e) for e in page.items], "next_cursor": page.next_cursor})
+
+
+# explain ---------------------------------------------------------------------
+async def explain(request: web.Request) -> web.Response:
+    """Why would this request be allowed or refused at ``at`` from ``address``?"""
+    ctx = _ctx(request)
+    r = Reader(await read_json(request))
+    r.only(("request_id", "target_id", "address", "at"))
+    request_id = r.string("request_id", max_len=64)
+    target_ref = r.string("target_id", required=False, max_len=64)
+    address_raw = r.string("address", required=False, max_len=64)
+    at_raw = r.raw("at")
+    r.check()
+    assert request_id is not None
+    at = parse_instant(at_raw, "at") if at_raw is not None else ctx.clock.now()
+    try:
+        peer = normalise_address(address_raw) if address_raw else None
+    except ValueError as exc:
+        raise ValidationError.one("address", "must be an IPv4 or IPv6 address") from exc
+    req = await ctx.service.get_request(request_id)
+    group = await ctx.store.get_group(req.group_id)
+    if group is None:
+        raise NotFound("The request's group no longer exists.")
+    target_id = None
+    if target_ref:
+        target = await ctx.store.get_target(target_ref)
+        if target is None:
+            raise ValidationError.one("target_id", f"no target {target_ref!r} is registered")
+        target_id = target.id
+    grant = build_grant(req, group.policy)
+    decision = decide(grant, at, peer if peer is not None else normalise_address("0.0.0.0"), target_id)
+    if (
+        peer is None
+        and isinstance(decision, Deny)
+        and decision.reason in (DenyReason.ORIGIN_DENIED, DenyReason.COUNTRY_DENIED)
+    ):
+        # No address given: judge everything but the origin rules.
+        decision = decide(grant, at, _any_allowed(grant), target_id)
+    out: dict[str, Any]
+    if isinstance(decision, Deny):
+        out = {
+            "allowed": False,
+            "reason": decision.reason.value,
+            "message": explain_reason(decision.reason, grant),
+        }
+    else:
+        out = {"allowed": True, "reason": None, "message": "Access would be allowed."}
+    out.update({"request_id": req.id, "target_id": target_id, "address": address_raw, "at": iso(at)})
+    return _json(out)
+
+
+def _any_allowed(grant: Grant) -> IPAddress:
+    for cidr in grant.origins.allow_cidrs:
+        return ip_network(cidr).network_address
+    return normalise_address("0.0.0.0")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return _json(build_openapi())
+
+
+ROUTES: list[tuple[str, str, Handler, Role]] = [
+    ("GET", "/api/v1/openapi.json", openapi, Role.AUDITOR),
+    ("POST", "/api/v1/groups", create_group, Role.ADMIN),
+    ("GET", "/api/v1/groups", list_groups, Role.AUDITOR),
+    ("GET", "/api/v1/groups/{id}", get_group, Role.AUDITOR),
+    ("PATCH", "/api/v1/groups/{id}", patch_group, Role.ADMIN),
+    ("DELETE", "/api/v1/groups/{id}", delete_group, Role.ADMIN),
+    ("POST", "/api/v1/users", create_user, Role.ADMIN),
+    ("GET", "/api/v1/users", list_users, Role.AUDITOR),
+    ("GET", "/api/v1/users/{id}", get_user, Role.AUDITOR),
+    ("PATCH", "/api/v1/users/{id}", patch_user, Role.ADMIN),
+    ("DELETE", "/api/v1/users/{id}", delete_user, Role.ADMIN),
+    ("POST", "/api/v1/reasons", create_reason, Role.ADMIN),
+    ("GET", "/api/v1/reasons", list_reasons, Role.AUDITOR),
+    ("GET", "/api/v1/reasons/{id}", get_reason, Role.AUDITOR),
+    ("DELETE", "/api/v1/reasons/{id}", delete_reason, Role.ADMIN),
+    ("POST", "/api/v1/targets", create_target, Role.ADMIN),
+    ("GET", "/api/v1/targets", list_targets, Role.AUDITOR),
+    ("GET", "/api/v1/targets/{id}", get_target, Role.AUDITOR),
+    ("PATCH", "/api/v1/targets/{id}", patch_target, Role.ADMIN),
+    ("DELETE", "/api/v1/targets/{id}", delete_target, Role.ADMIN),
+    ("POST", "/api/v1/access-requests", create_request, Role.ADMIN),
+    ("GET", "/api/v1/access-requests", list_requests, Role.AUDITOR),
+    ("GET", "/api/v1/access-requests/{id}", get_request, Role.AUDITOR),
+    ("POST", "/api/v1/access-requests/{id}/forward", forward_request, Role.ADMIN),
+    ("POST", "/api/v1/access-requests/{id}/revoke", revoke_request, Role.ADMIN),
+    ("GET", "/api/v1/sessions", list_sessions, Role.AUDITOR),
+    ("DELETE", "/api/v1/sessions/{id}", delete_session, Role.AUDITOR),
+    ("GET", "/api/v1/audit", list_audit, Role.AUDITOR),
+    ("POST", "/api/v1/explain", explain, Role.AUDITOR),
+]
+
+
+def add_api_routes(
+    app: web.Application, ctx: ApiContext, extra: list[tuple[str, str, Handler, Role]] | None = None
+) -> None:
+    """Register the API on ``app`` (the admin listener's application)."""
+    app[CTX] = ctx
+    for method, path, handler, role in [*ROUTES, *(extra or [])]:
+        app.router.add_route(method, path, handler)
+        ctx.roles[(method, path)] = role

@@ -1,0 +1,282 @@
+"""The one storage interface every implementation (SQLite, PostgreSQL) provides.
+
+Callers depend only on :class:`Store`. Each method that changes state takes the audit
+entry describing the change and writes both in one transaction, so an event exists
+exactly when its change does. Implementations translate their driver's exceptions into
+:class:`~domum_gateway.errors.StoreError` at this boundary (fail closed).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Generic, TypeVar
+
+from ..audit import AuditEntry
+from ..model import (
+    AccessRequest,
+    ApiToken,
+    AuditEvent,
+    Group,
+    Reason,
+    RemoteUser,
+    RequestStatus,
+    Role,
+    Session,
+    Target,
+)
+
+T = TypeVar("T")
+
+__all__ = [
+    "AuditFilter",
+    "OtpIssue",
+    "OtpResult",
+    "Page",
+    "RequestFilter",
+    "SessionCreate",
+    "Store",
+    "T",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFilter:
+    status: RequestStatus | None = None
+    user_id: str | None = None
+    group_id: str | None = None
+    limit: int = 50
+    cursor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditFilter:
+    since: datetime | None = None
+    type: str | None = None
+    request_id: str | None = None
+    limit: int = 100
+    cursor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_cursor: str | None
+
+
+class OtpResult(enum.StrEnum):
+    """Outcome of redeeming a one-time token."""
+
+    OK = "ok"
+    WRONG = "wrong"  # did not match; a try was counted
+    EXPIRED = "expired"
+    EXHAUSTED = "exhausted"  # too many wrong tries, or already used
+    NONE = "none"  # no token was ever sent for this link
+
+
+@dataclass(frozen=True, slots=True)
+class OtpIssue:
+    """Outcome of asking for a token: ``retry_after`` is set when the send limit is hit."""
+
+    issued: bool
+    retry_after: int = 0
+
+
+class SessionCreate(enum.StrEnum):
+    OK = "ok"
+    TOO_MANY = "too_many"
+    TOKEN_SPENT = "token_spent"
+
+
+class Store(abc.ABC):
+    """Persistence for the gateway. All datetimes in and out are aware UTC."""
+
+    kind: str = "abstract"
+
+    # lifecycle ---------------------------------------------------------------
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and apply pending migrations."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise StoreError when the database cannot answer."""
+
+    @abc.abstractmethod
+    async def schema_version(self) -> int: ...
+
+    # API tokens --------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_api_token(
+        self, name: str, role: Role, token_hash: str, now: datetime, audit: AuditEntry
+    ) -> ApiToken: ...
+
+    @abc.abstractmethod
+    async def find_api_token(self, token_hash: str) -> ApiToken | None:
+        """The active (not revoked) token with this hash."""
+
+    @abc.abstractmethod
+    async def list_api_tokens(self) -> list[ApiToken]: ...
+
+    @abc.abstractmethod
+    async def revoke_api_token(self, name: str, now: datetime, audit: AuditEntry) -> bool: ...
+
+    # groups, users, reasons, targets ------------------------------------------
+    @abc.abstractmethod
+    async def create_group(self, group: Group, audit: AuditEntry) -> None: ...
+
+    @abc.abstractmethod
+    async def update_group(self, group: Group, audit: AuditEntry) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_group(self, group_id: str, audit: AuditEntry) -> bool: ...
+
+    @abc.abstractmethod
+    async def get_group(self, group_id: str) -> Group | None: ...
+
+    @abc.abstractmethod
+    async def list_groups(self) -> list[Group]: ...
+
+    @abc.abstractmethod
+    async def create_user(self, user: RemoteUser, audit: AuditEntry) -> None: ...
+
+    @abc.abstractmethod
+    async def update_user(self, user: RemoteUser, audit: AuditEntry) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_user(self, user_id: str, audit: AuditEntry) -> bool: ...
+
+    @abc.abstractmethod
+    async def get_user(self, user_id: str) -> RemoteUser | None: ...
+
+    @abc.abstractmethod
+    async def find_user_by_login(self, login: str) -> RemoteUser | None:
+        """A user by id or by e-mail address (case-insensitive)."""
+
+    @abc.abstractmethod
+    async def list_users(self, group_id: str | None = None) -> list[RemoteUser]: ...
+
+    @abc.abstractmethod
+    async def create_reason(self, reason: Reason, audit: AuditEntry) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_reason(self, reason_id: str, audit: AuditEntry) -> bool: ...
+
+    @abc.abstractmethod
+    async def get_reason(self, reason_id: str) -> Reason | None: ...
+
+    @abc.abstractmethod
+    async def list_reasons(self) -> list[Reason]: ...
+
+    @abc.abstractmethod
+    async def create_target(self, target: Target, audit: AuditEntry) -> None: ...
+
+    @abc.abstractmethod
+    async def update_target(self, target: Target, audit: AuditEntry) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_target(self, target_id: str, audit: AuditEntry) -> bool: ...
+
+    @abc.abstractmethod
+    async def get_target(self, target_id: str) -> Target | None:
+        """A target by id or by name."""
+
+    @abc.abstractmethod
+    async def list_targets(self) -> list[Target]: ...
+
+    # access requests ---------------------------------------------------------
+    @abc.abstractmethod
+    async def create_request(
+        self, request: AccessRequest, new_user: RemoteUser | None, audit: AuditEntry
+    ) -> None:
+        """Save a request (and its inline third-party user) atomically."""
+
+    @abc.abstractmethod
+    async def get_request(self, request_id: str) -> AccessRequest | None: ...
+
+    @abc.abstractmethod
+    async def list_requests(self, flt: RequestFilter) -> Page[AccessRequest]: ...
+
+    @abc.abstractmethod
+    async def find_request_by_link(self, link_hash: str) -> AccessRequest | None: ...
+
+    @abc.abstractmethod
+    async def mark_forwarded(
+        self, request_id: str, link_hash: str, now: datetime, actor: str, audit: AuditEntry
+    ) -> AccessRequest | None:
+        """Set the link and status ``forwarded`` if the request is still saved/forwarded."""
+
+    @abc.abstractmethod
+    async def revoke_request(
+        self, request_id: str, now: datetime, actor: str, audit: AuditEntry
+    ) -> AccessRequest | None:
+        """Revoke and end every session of the request in one transaction."""
+
+    @abc.abstractmethod
+    async def expire_requests(self, now: datetime) -> list[str]:
+        """Mark requests whose window ended as expired; return their ids."""
+
+    # one-time tokens ---------------------------------------------------------
+    @abc.abstractmethod
+    async def issue_otp(
+        self,
+        request_id: str,
+        otp_hash: str,
+        now: datetime,
+        expires_at: datetime,
+        max_sends_per_hour: int,
+    ) -> OtpIssue:
+        """Replace the request's token, unless the hourly send limit is reached."""
+
+    @abc.abstractmethod
+    async def redeem_otp(self, request_id: str, otp_hash: str, now: datetime, max_tries: int) -> OtpResult:
+        """Spend the token atomically (see the implementation for when it counts as spent)."""
+
+    @abc.abstractmethod
+    async def cancel_otp_send(self, request_id: str, otp_hash: str) -> None:
+        """Undo a send that the provider refused (token unusable, send not counted)."""
+
+    # sessions ----------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_session(
+        self, session: Session, session_hash: str, max_sessions: int, audit: AuditEntry
+    ) -> SessionCreate: ...
+
+    @abc.abstractmethod
+    async def find_session(self, session_hash: str) -> Session | None:
+        """The live session with this cookie hash."""
+
+    @abc.abstractmethod
+    async def get_session(self, session_id: str) -> Session | None: ...
+
+    @abc.abstractmethod
+    async def touch_sessions(self, seen: dict[str, datetime]) -> None:
+        """Record last activity for many sessions at once (batched off the hot path)."""
+
+    @abc.abstractmethod
+    async def end_session(
+        self, session_id: str, reason: str, now: datetime, audit: AuditEntry | None
+    ) -> bool: ...
+
+    @abc.abstractmethod
+    async def list_sessions(self, request_id: str | None = None, live: bool = True) -> list[Session]: ...
+
+    # audit -------------------------------------------------------------------
+    @abc.abstractmethod
+    async def append_audit(self, entry: AuditEntry) -> None: ...
+
+    @abc.abstractmethod
+    async def list_audit(self, flt: AuditFilter) -> Page[AuditEvent]: ...
+
+    @abc.abstractmethod
+    async def all_audit(self) -> Sequence[AuditEvent]:
+        """Every event in seq order (for verification)."""
+
+    @abc.abstractmethod
+    async def audit_head(self) -> tuple[int, str] | None: ...
