@@ -25,14 +25,18 @@ from aiohttp import web
 from .bus import Bus
 from .clock import Clock, SystemClock
 from .control.api import ApiContext, add_api_routes, api_auth_middleware
-from .control.notifier import Notifier, build_notifier
+from .control.notifier import Notifier, build_notifier, render_token_message
 from .control.ops import add_ops_routes
 from .control.problems import problem_middleware
 from .control.scheduler import Scheduler
 from .control.service import AdminService
 from .errors import ConfigError
 from .metrics import Metrics
+from .model import Channel, RemoteUser
 from .pki import server_ssl_context
+from .proxy.context import CTX, PublicContext
+from .proxy.login import LoginService
+from .proxy.sessions import SessionManager
 from .settings import Settings
 from .store.base import Store
 from .store.sqlite import SqliteStore
@@ -97,6 +101,11 @@ class Gateway:
             on_link_sent=lambda ch, outcome: self.metrics.links_sent.labels(ch, outcome).inc(),
         )
         self.scheduler = Scheduler(self.service, self.store)
+        self.sessions = SessionManager(self.store, self.clock, self.bus, self.metrics)
+        self.login = LoginService(self.store, self.clock, self.sessions, self._send_token, self.metrics)
+        self.public_ctx = PublicContext(
+            settings, self.store, self.clock, self.bus, self.metrics, self.sessions, self.login
+        )
         self._listeners: dict[str, _Listener] = {}
         self.admin_app = self._build_admin_app()
         self.public_app = self._build_public_app()
@@ -111,8 +120,15 @@ class Gateway:
         add_ops_routes(app, self.store, self.metrics)
         return app
 
+    async def _send_token(self, user: RemoteUser, token: str) -> None:
+        to = (user.email if user.channel is Channel.EMAIL else user.phone) or ""
+        await self.notifier.send(
+            render_token_message(user.channel.value, to, user_name=user.name, token=token)
+        )
+
     def _build_public_app(self) -> web.Application:
         app = web.Application(client_max_size=1024 * 1024)
+        app[CTX] = self.public_ctx
 
         async def root(_: web.Request) -> web.Response:
             return web.Response(
@@ -143,6 +159,7 @@ class Gateway:
             "public", self.public_app, self.settings.public.listen.host, self.settings.public.listen.port, ctx
         )
         self.scheduler.start()
+        self.sessions.start()
         log.info(
             "gateway.started public=%s admin=%s store=%s",
             self.url("public"),
@@ -182,6 +199,7 @@ class Gateway:
                 await listener.runner.cleanup()
         self._listeners.clear()
         await self.scheduler.stop()
+        await self.sessions.stop()
         close = getattr(self.notifier, "close", None)
         if close is not None:
             with contextlib.suppress(Exception):

@@ -88,3 +88,20 @@ async def create_forwarded(run: Running, sd: Seed, **over: Any) -> tuple[str, st
     await run.mailbox.wait_count(n + 1)
     link = run.mailbox.last_link(sd.email)
     return req["id"], "/a/" + link.rsplit("/a/", 1)[1]
+
+
+async def login_direct(run: Running, sd: Seed, link_path: str, address: str = "127.0.0.1") -> str:
+    """Log in through the shared LoginService (no pages): send a token, read it from the
+    real SMTP mailbox, redeem it. Returns the ``__Host-domum`` cookie value."""
+    from domum_gateway.auth.origin import normalise_address
+
+    login = run.gateway.login
+    info = await login.resolve_link(link_path)
+    assert info is not None
+    peer = normalise_address(address)
+    n = len(run.mailbox.messages)
+    await login.send_token(info, peer, address)
+    await run.mailbox.wait_count(n + 1)
+    token = run.mailbox.last_token(sd.email)
+    cookie, _live = await login.verify(info, token, peer, address)
+    return cookie

@@ -1,0 +1,420 @@
+"""Live sessions: the in-memory view every enforcement point reads, and the cut-off switch.
+
+The hot path (each proxied request, each tunnel open, each SSH channel) calls
+:meth:`SessionManager.check`, which touches memory only: the session and its grant are
+cached after the first lookup, ``auth.decide`` runs on the cached values, and activity is
+written back to the store in batches off the hot path.
+
+Connections register a closer with :meth:`SessionManager.attach`; when a session ends for
+any reason (logout, revoke, window end, idle, terminate, address change) every closer is
+called with the reason, so websockets, tunnels and SSH channels end within the same tick.
+Window ends are timers (one per grant), not polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ..audit import AuditEntry
+from ..auth.decide import ALLOW, Decision, Deny, DenyReason, SessionFacts, decide
+from ..auth.grant import build_grant
+from ..auth.origin import CompiledOrigins, IPAddress, compile_origins
+from ..auth.secrets import hash_secret, new_id, new_session_id
+from ..bus import Bus, Change, ChangeKind
+from ..clock import Clock
+from ..errors import DomumError
+from ..metrics import Metrics
+from ..model import AccessRequest, Grant, RequestStatus, Session
+from ..store.base import SessionCreate, Store
+
+__all__ = ["Closer", "LiveSession", "SessionManager", "TooManySessions"]
+
+log = logging.getLogger("domum.sessions")
+
+Closer = Callable[[str], None]
+"""Called with a human-readable reason when the session a connection belongs to ends."""
+
+# Reasons that end a session for good (as opposed to refusing one request).
+_TERMINAL = frozenset(
+    {
+        DenyReason.EXPIRED,
+        DenyReason.REVOKED,
+        DenyReason.SESSION_IDLE,
+        DenyReason.SESSION_ENDED,
+        DenyReason.ADDRESS_CHANGED,
+        DenyReason.NOT_FORWARDED,
+        DenyReason.ORIGIN_DENIED,
+        DenyReason.COUNTRY_DENIED,
+        DenyReason.UNKNOWN,
+    }
+)
+
+
+class TooManySessions(DomumError):
+    status = 429
+    type = "too-many-sessions"
+    title = "Too many sessions"
+
+
+@dataclass(eq=False, slots=True)
+class LiveSession:
+    """A logged-in session as the hot path sees it."""
+
+    id: str
+    request_id: str
+    user_id: str
+    address: str
+    created_at: datetime
+    last_seen: datetime
+    grant: Grant
+    origins: CompiledOrigins
+    hash: str = ""
+    ended: bool = False
+    end_reason: str | None = None
+    closers: set[Closer] = field(default_factory=set)
+
+    def facts(self) -> SessionFacts:
+        return SessionFacts(address=self.address, last_seen=self.last_seen, ended=self.ended)
+
+
+@dataclass(slots=True)
+class _GrantEntry:
+    grant: Grant
+    origins: CompiledOrigins
+    timer: asyncio.TimerHandle | None = None
+
+
+class SessionManager:
+    """Owns the session and grant caches; subscribes to the bus for invalidation."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        bus: Bus,
+        metrics: Metrics,
+        flush_interval: float = 5.0,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._bus = bus
+        self._metrics = metrics
+        self._flush_interval = flush_interval
+        self._by_hash: dict[str, LiveSession] = {}
+        self._by_id: dict[str, LiveSession] = {}
+        self._grants: dict[str, _GrantEntry] = {}
+        self._dirty: dict[str, datetime] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._flusher: asyncio.Task[None] | None = None
+        bus.subscribe(self._on_change)
+
+    # lifecycle ------------------------------------------------------------------
+    def start(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_loop(), name="domum-session-flush")
+
+    async def stop(self) -> None:
+        self._bus.unsubscribe(self._on_change)
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        for entry in self._grants.values():
+            if entry.timer is not None:
+                entry.timer.cancel()
+        for s in list(self._by_id.values()):
+            self._cut(s, "the gateway is shutting down")
+        with contextlib.suppress(DomumError):
+            await self.flush()
+        for task in list(self._tasks):
+            task.cancel()
+
+    # grants ----------------------------------------------------------------------
+    async def grant_for(self, request: AccessRequest) -> tuple[Grant, CompiledOrigins] | None:
+        """The cached grant of ``request`` (loading its group's policy on a miss)."""
+        entry = self._grants.get(request.id)
+        if entry is None:
+            group = await self._store.get_group(request.group_id)
+            if group is None:
+                return None
+            grant = build_grant(request, group.policy)
+            entry = _GrantEntry(grant, compile_origins(grant.origins))
+            self._grants[request.id] = entry
+            self._schedule_end(entry)
+        return entry.grant, entry.origins
+
+    async def _grant_by_id(self, request_id: str) -> _GrantEntry | None:
+        entry = self._grants.get(request_id)
+        if entry is not None:
+            return entry
+        request = await self._store.get_request(request_id)
+        if request is None:
+            return None
+        await self.grant_for(request)
+        return self._grants.get(request_id)
+
+    def _schedule_end(self, entry: _GrantEntry) -> None:
+        if entry.grant.status not in (RequestStatus.SAVED, RequestStatus.FORWARDED):
+            return
+        delay = (entry.grant.end - self._clock.now()).total_seconds()
+        if delay > 40 * 86400:  # asyncio timers are fine far ahead, but re-arm on reload instead
+            return
+        loop = asyncio.get_running_loop()
+        rid = entry.grant.request_id
+        entry.timer = loop.call_later(max(0.0, delay), self._window_ended, rid)
+
+    def _window_ended(self, request_id: str) -> None:
+        for s in [s for s in self._by_id.values() if s.request_id == request_id]:
+            self._end_later(s, DenyReason.EXPIRED)
+
+    # sessions --------------------------------------------------------------------
+    async def open(self, request: AccessRequest, address: IPAddress, origin: str) -> tuple[str, LiveSession]:
+        """Create a session for a verified login; return (cookie value, session)."""
+        loaded = await self.grant_for(request)
+        if loaded is None:
+            raise DomumError("The access request's group no longer exists.")
+        grant, origins = loaded
+        cookie = new_session_id()
+        now = self._clock.now()
+        session = Session(
+            id=new_id("ses"),
+            request_id=request.id,
+            address=str(address),
+            created_at=now,
+            last_seen=now,
+        )
+        digest = hash_secret(cookie)
+        outcome = await self._store.create_session(
+            session,
+            digest,
+            grant.max_sessions,
+            AuditEntry(
+                actor=f"user:{request.user_id}",
+                action="session.started",
+                subject=session.id,
+                origin=origin,
+                details={"request_id": request.id},
+            ),
+        )
+        if outcome is SessionCreate.TOO_MANY:
+            raise TooManySessions(
+                f"This access allows {grant.max_sessions} session(s) at once. "
+                "Log out elsewhere, or wait for an idle session to end."
+            )
+        live = LiveSession(
+            id=session.id,
+            request_id=request.id,
+            user_id=request.user_id,
+            address=str(address),
+            created_at=now,
+            last_seen=now,
+            grant=grant,
+            origins=origins,
+            hash=digest,
+        )
+        self._by_hash[digest] = live
+        self._by_id[live.id] = live
+        self._metrics.sessions_active.labels("web").inc()
+        return cookie, live
+
+    async def lookup(self, cookie: str) -> LiveSession | None:
+        """The live session for a cookie value: memory first, the store once on a miss."""
+        if not cookie or len(cookie) > 128:
+            return None
+        digest = hash_secret(cookie)
+        live = self._by_hash.get(digest)
+        if live is not None:
+            return None if live.ended else live
+        stored = await self._store.find_session(digest)
+        if stored is None:
+            return None
+        entry = await self._grant_by_id(stored.request_id)
+        if entry is None:
+            return None
+        live = self._by_id.get(stored.id)
+        if live is None:
+            live = LiveSession(
+                id=stored.id,
+                request_id=stored.request_id,
+                user_id=entry.grant.user_id,
+                address=stored.address,
+                created_at=stored.created_at,
+                last_seen=stored.last_seen,
+                grant=entry.grant,
+                origins=entry.origins,
+                hash=digest,
+            )
+            self._by_id[live.id] = live
+            self._metrics.sessions_active.labels("web").inc()
+        self._by_hash[digest] = live
+        return live
+
+    def check(
+        self,
+        live: LiveSession,
+        peer: IPAddress,
+        target: str | None = None,
+        country: str | None = None,
+        *,
+        activity: bool = True,
+    ) -> Decision:
+        """Decide for one request on ``live`` (memory only). Ends the session when terminal."""
+        now = self._clock.now()
+        decision = decide(live.grant, now, peer, target, live.facts(), country, live.origins)
+        if isinstance(decision, Deny):
+            self._metrics.denied.labels(decision.reason.value).inc()
+            if decision.reason in _TERMINAL and not live.ended:
+                self._end_later(live, decision.reason)
+            return decision
+        if activity:
+            live.last_seen = now
+            self._dirty[live.id] = now
+        return ALLOW
+
+    def touch(self, live: LiveSession) -> None:
+        """Count traffic on a long-lived connection as activity (for the idle timeout)."""
+        now = self._clock.now()
+        live.last_seen = now
+        self._dirty[live.id] = now
+
+    def attach(self, live: LiveSession, closer: Closer) -> Callable[[], None]:
+        """Register a connection to cut when the session ends; returns the detach function."""
+        live.closers.add(closer)
+        return lambda: live.closers.discard(closer)
+
+    async def end(self, live: LiveSession, reason: str, actor: str, origin: str = "") -> None:
+        """End a session now (logout, terminate) and cut its connections."""
+        self._cut(live, reason)
+        await self._store.end_session(
+            live.id,
+            reason,
+            self._clock.now(),
+            AuditEntry(
+                actor=actor,
+                action="session.ended",
+                subject=live.id,
+                origin=origin,
+                details={"request_id": live.request_id, "reason": reason},
+            ),
+        )
+        self._bus.publish(Change(ChangeKind.SESSION, live.id, reason))
+
+    def live_sessions(self) -> list[LiveSession]:
+        return [s for s in self._by_id.values() if not s.ended]
+
+    def get(self, session_id: str) -> LiveSession | None:
+        return self._by_id.get(session_id)
+
+    # internals -------------------------------------------------------------------
+    def _cut(self, live: LiveSession, reason: str) -> None:
+        if not live.ended:
+            live.ended = True
+            live.end_reason = reason
+            self._metrics.sessions_active.labels("web").dec()
+        self._by_hash.pop(live.hash, None)
+        self._by_id.pop(live.id, None)
+        self._dirty.pop(live.id, None)
+        for closer in list(live.closers):
+            try:
+                closer(reason)
+            except Exception:
+                log.exception("sessions.closer_failed session=%s", live.id)
+        live.closers.clear()
+
+    def _end_later(self, live: LiveSession, reason: DenyReason) -> None:
+        """Cut now (synchronously), record the end in the store in the background."""
+        text = _REASON_TEXT.get(reason, reason.value)
+        self._cut(live, text)
+        self._spawn(self._record_end(live, reason))
+
+    async def _record_end(self, live: LiveSession, reason: DenyReason) -> None:
+        try:
+            await self._store.end_session(
+                live.id,
+                reason.value,
+                self._clock.now(),
+                AuditEntry(
+                    actor="system",
+                    action="session.ended",
+                    subject=live.id,
+                    outcome="denied",
+                    details={"request_id": live.request_id, "reason": reason.value},
+                ),
+            )
+        except DomumError as exc:
+            log.warning("sessions.end_not_recorded session=%s detail=%s", live.id, exc.detail)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_change(self, change: Change) -> None:
+        if change.kind is ChangeKind.REQUEST:
+            entry = self._grants.pop(change.id, None)
+            if entry is not None and entry.timer is not None:
+                entry.timer.cancel()
+            self._spawn(self._recheck_request(change.id, change.reason))
+        elif change.kind is ChangeKind.SESSION:
+            live = self._by_id.get(change.id)
+            if live is not None:
+                self._cut(live, change.reason or "the session was ended")
+        elif change.kind in (ChangeKind.GROUP, ChangeKind.TARGET, ChangeKind.USER):
+            # Policies changed: drop every cached grant; sessions re-check on next use.
+            affected = {s.request_id for s in self._by_id.values()}
+            for entry in self._grants.values():
+                if entry.timer is not None:
+                    entry.timer.cancel()
+            self._grants.clear()
+            for rid in affected:
+                self._spawn(self._recheck_request(rid, change.reason))
+
+    async def _recheck_request(self, request_id: str, reason: str) -> None:
+        sessions = [s for s in self._by_id.values() if s.request_id == request_id]
+        if not sessions:
+            return
+        try:
+            entry = await self._grant_by_id(request_id)
+        except DomumError:
+            entry = None  # fail closed: the store cannot vouch for the grant
+        for s in sessions:
+            if entry is None:
+                self._cut(s, reason or "access could not be confirmed")
+                continue
+            s.grant, s.origins = entry.grant, entry.origins
+            if entry.grant.status in (RequestStatus.REVOKED, RequestStatus.EXPIRED):
+                self._cut(s, reason or _REASON_TEXT[DenyReason.REVOKED])
+
+    async def flush(self) -> None:
+        if not self._dirty:
+            return
+        batch, self._dirty = self._dirty, {}
+        await self._store.touch_sessions(batch)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_interval)
+            try:
+                await self.flush()
+            except DomumError as exc:
+                log.warning("sessions.flush_failed detail=%s", exc.detail)
+
+
+_REASON_TEXT = {
+    DenyReason.EXPIRED: "the access window has ended",
+    DenyReason.REVOKED: "access was revoked",
+    DenyReason.SESSION_IDLE: "the session was idle for too long",
+    DenyReason.SESSION_ENDED: "the session has ended",
+    DenyReason.ADDRESS_CHANGED: "your network address changed; log in again",
+    DenyReason.NOT_FORWARDED: "this access is not active",
+    DenyReason.ORIGIN_DENIED: "your network address is not allowed",
+    DenyReason.COUNTRY_DENIED: "your location is not allowed",
+    DenyReason.UNKNOWN: "access could not be confirmed",
+}
