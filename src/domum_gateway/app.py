@@ -116,7 +116,7 @@ class Gateway:
             middlewares=[problem_middleware, api_auth_middleware],
             client_max_size=1024 * 1024,
         )
-        add_api_routes(app, ApiContext(self.store, self.service, self.clock))
+        add_api_routes(app, ApiContext(self.store, self.service, self.clock, self.settings.ssh.host_key))
         add_ops_routes(app, self.store, self.metrics)
         return app
 

@@ -198,6 +198,41 @@ async def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+# evidence ----------------------------------------------------------------------
+def _evidence(args: argparse.Namespace) -> int:
+    import json
+
+    from .control.evidence import load_verify_key, verify_bundle
+
+    try:
+        bundle = json.loads(Path(args.file).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read {args.file}: {exc}", file=sys.stderr)
+        return 2
+    key = None
+    if args.key:
+        try:
+            key = load_verify_key(Path(args.key).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            print(f"error: cannot use key {args.key}: {exc}", file=sys.stderr)
+            return 2
+    problem = verify_bundle(bundle, key)
+    if problem is not None:
+        _say(f"evidence INVALID: {problem.where}: {problem.problem}")
+        return 1
+    chain = bundle["chain"]
+    _say(
+        f"evidence valid: request {bundle['request'].get('id')}, {len(bundle['timeline'])} timeline events, "
+        f"chain {chain['from_seq']}..{chain['to_seq']} intact, signed by {bundle['signature']['fingerprint']}"
+    )
+    if key is None:
+        _say(
+            "note: signature checked against the key inside the file; pass --key certs/ssh_host_ed25519_key.pub "
+            "to prove it came from your gateway"
+        )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="domum-gateway", description="Domum Gateway: time-boxed, audited remote access."
@@ -229,6 +264,12 @@ def _parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="audit log tools")
     asub = audit.add_subparsers(dest="audit_cmd", required=True)
     with_config(asub.add_parser("verify", help="check the hash chain"))
+
+    evidence = sub.add_parser("evidence", help="evidence bundle tools")
+    esub = evidence.add_subparsers(dest="evidence_cmd", required=True)
+    ev = esub.add_parser("verify", help="check a bundle's signature and chain offline")
+    ev.add_argument("file")
+    ev.add_argument("--key", help="the gateway's public key (certs/ssh_host_ed25519_key.pub)")
     return p
 
 
@@ -244,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_token(args))
         if args.cmd == "audit":
             return asyncio.run(_audit(args))
+        if args.cmd == "evidence":
+            return _evidence(args)
     except ConfigError as exc:
         print(f"error: {exc.detail}", file=sys.stderr)
         return 2

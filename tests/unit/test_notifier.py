@@ -475,7 +475,7 @@ async def test_outbox_writes_private_file(tmp_path: Path, caplog: pytest.LogCapt
     caplog.set_level(logging.INFO, logger="domum_gateway")
     folder = tmp_path / "var" / "outbox"
     outbox = OutboxNotifier(folder)
-    assert f"no e-mail or SMS provider configured: messages go to {folder}" in caplog.text
+    assert f"no e-mail or SMS provider configured: those messages go to {folder}" in caplog.text
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
 
     await outbox.send(link_message("email", "alice@example.com"))

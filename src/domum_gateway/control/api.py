@@ -11,9 +11,11 @@ import json
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from ipaddress import ip_network
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..auth.decide import Deny, DenyReason, decide
 from ..auth.decide import explain as explain_reason
@@ -22,9 +24,10 @@ from ..auth.origin import IPAddress, normalise_address
 from ..auth.secrets import hash_secret
 from ..auth.windows import parse_instant
 from ..clock import Clock
-from ..errors import Forbidden, NotFound, Unauthorized, ValidationError
-from ..model import ApiToken, Grant, RequestStatus, Role
+from ..errors import ConfigError, Conflict, Forbidden, NotFound, StoreError, Unauthorized, ValidationError
+from ..model import ApiToken, AuditEvent, Grant, RequestStatus, Role
 from ..store.base import AuditFilter, RequestFilter, Store
+from .evidence import MAX_SEGMENT, build_bundle, load_signing_key
 from .fields import Reader, read_json
 from .openapi import build_openapi
 from .service import Actor, AdminService
@@ -49,12 +52,30 @@ API_TOKEN = web.RequestKey("api_token", ApiToken)
 class ApiContext:
     """What the API handlers need, handed over by the composition root."""
 
-    def __init__(self, store: Store, service: AdminService, clock: Clock) -> None:
+    def __init__(
+        self,
+        store: Store,
+        service: AdminService,
+        clock: Clock,
+        signing_key_path: Path | None = None,
+    ) -> None:
         self.store = store
         self.service = service
         self.clock = clock
+        self.signing_key_path = signing_key_path
+        self._signing_key: Ed25519PrivateKey | None = None
         # (method, path) -> least role; AUDITOR < ADMIN
         self.roles: dict[tuple[str, str], Role] = {}
+
+    def signing_key(self) -> Ed25519PrivateKey:
+        if self._signing_key is None:
+            if self.signing_key_path is None:
+                raise StoreError("No evidence signing key is configured.")
+            try:
+                self._signing_key = load_signing_key(self.signing_key_path)
+            except ConfigError as exc:
+                raise StoreError("The evidence signing key is unavailable; see the gateway log.") from exc
+        return self._signing_key
 
 
 CTX = web.AppKey("api_ctx", ApiContext)
@@ -306,6 +327,58 @@ async def revoke_request(request: web.Request) -> web.Response:
     return _json(request_json(req))
 
 
+async def request_evidence(request: web.Request) -> web.Response:
+    """The signed evidence bundle of one access request."""
+    ctx = _ctx(request)
+    req = await ctx.service.get_request(request.match_info["id"])
+    user = await ctx.store.get_user(req.user_id)
+    group = await ctx.store.get_group(req.group_id)
+    reason = await ctx.store.get_reason(req.reason_id)
+    timeline: list[AuditEvent] = []
+    cursor: str | None = None
+    while True:
+        page = await ctx.store.list_audit(AuditFilter(request_id=req.id, limit=1000, cursor=cursor))
+        timeline += page.items
+        cursor = page.next_cursor
+        if not cursor or len(timeline) > MAX_SEGMENT:
+            break
+    segment: list[AuditEvent] = []
+    if timeline:
+        first, last = timeline[0].seq, timeline[-1].seq
+        if last - first > MAX_SEGMENT:
+            raise Conflict("The request's history is too long for one bundle; export the audit log instead.")
+        segment = [e for e in await ctx.store.all_audit() if first <= e.seq <= last]
+    sessions = await ctx.store.list_sessions(req.id, live=False)
+    people = {
+        "user": {
+            "id": req.user_id,
+            "name": user.name if user and not user.purged_at else None,
+            "email": user.email if user and not user.purged_at else None,
+            "channel": user.channel.value if user else None,
+            "purged": bool(user and user.purged_at),
+        },
+        "group": {"id": req.group_id, "name": group.name if group else None},
+        "reason": {"id": req.reason_id, "label": reason.label if reason else None},
+    }
+    bundle = build_bundle(
+        request=request_json(req),
+        people=people,
+        sessions=[session_json(s) for s in sessions],
+        timeline_seqs=[e.seq for e in timeline],
+        segment=segment,
+        generated_at=ctx.clock.now(),
+        gateway=ctx.service.base_url,
+        key=ctx.signing_key(),
+    )
+    await ctx.store.append_audit(
+        actor_of(request).entry("request.evidence_exported", req.id, details={"request_id": req.id})
+    )
+    return web.json_response(
+        bundle,
+        headers={"Content-Disposition": f'attachment; filename="evidence-{req.id}.json"'},
+    )
+
+
 # sessions --------------------------------------------------------------------
 async def list_sessions(request: web.Request) -> web.Response:
     rid = _query_str(request, "request_id", 64)
@@ -428,6 +501,7 @@ ROUTES: list[tuple[str, str, Handler, Role]] = [
     ("GET", "/api/v1/access-requests/{id}", get_request, Role.AUDITOR),
     ("POST", "/api/v1/access-requests/{id}/forward", forward_request, Role.ADMIN),
     ("POST", "/api/v1/access-requests/{id}/revoke", revoke_request, Role.ADMIN),
+    ("GET", "/api/v1/access-requests/{id}/evidence", request_evidence, Role.AUDITOR),
     ("GET", "/api/v1/sessions", list_sessions, Role.AUDITOR),
     ("DELETE", "/api/v1/sessions/{id}", delete_session, Role.AUDITOR),
     ("GET", "/api/v1/audit", list_audit, Role.AUDITOR),

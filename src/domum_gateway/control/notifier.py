@@ -254,8 +254,12 @@ class OutboxNotifier:
     means. Files are ``<UTC timestamp>-<channel>-<random>.txt``, mode 0600, in a 0700 folder.
     """
 
-    def __init__(self, dir: Path) -> None:
+    def __init__(self, dir: Path, missing: str = "e-mail or SMS") -> None:
         """
+        Args:
+            dir: where message files go.
+            missing: which providers are not configured (for the start-up log line).
+
         Raises:
             ConfigError: the folder cannot be created.
         """
@@ -266,7 +270,7 @@ class OutboxNotifier:
             dir.chmod(0o700)
         except OSError as exc:
             raise ConfigError(f"outbox.dir: cannot create {dir}: {exc.strerror}") from exc
-        log.warning("no e-mail or SMS provider configured: messages go to %s", dir)
+        log.warning("no %s provider configured: those messages go to %s", missing, dir)
 
     @property
     def dir(self) -> Path:
@@ -371,7 +375,10 @@ def build_notifier(
     sms_provider = SmsNotifier(sms_url, sms_token, timeout=timeout) if sms_url else None
     fallback = None
     if email_provider is None or sms_provider is None:
-        fallback = OutboxNotifier(outbox_dir)
+        missing = " or ".join(
+            name for name, p in (("e-mail", email_provider), ("SMS", sms_provider)) if p is None
+        )
+        fallback = OutboxNotifier(outbox_dir, missing)
     return RoutingNotifier(email_provider, sms_provider, fallback)
 
 

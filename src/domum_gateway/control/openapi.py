@@ -418,6 +418,15 @@ def build_openapi() -> dict[str, Any]:
             errors=(404, 409),
         ),
     }
+    paths["/api/v1/access-requests/{id}/evidence"] = {
+        "get": _op(
+            "Signed evidence bundle: the request, its timeline, sessions and the audit-chain segment",
+            "auditor",
+            _ok("200", "an Ed25519-signed domum-evidence/1 document", {"type": "object"}),
+            params=_ID,
+            errors=(404, 409),
+        ),
+    }
     paths["/api/v1/sessions"] = {
         "get": _op(
             "Live sessions",
