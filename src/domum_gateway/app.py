@@ -28,6 +28,7 @@ from .control.api import ApiContext, add_api_routes, api_auth_middleware
 from .control.notifier import Notifier, build_notifier, render_token_message
 from .control.ops import add_ops_routes
 from .control.problems import problem_middleware
+from .control.retention import Retention
 from .control.scheduler import Scheduler
 from .control.service import AdminService
 from .errors import ConfigError
@@ -100,7 +101,8 @@ class Gateway:
             settings.public.base_url,
             on_link_sent=lambda ch, outcome: self.metrics.links_sent.labels(ch, outcome).inc(),
         )
-        self.scheduler = Scheduler(self.service, self.store)
+        self.retention = Retention(self.store, self.clock, self.bus, settings.retention.days)
+        self.scheduler = Scheduler(self.service, self.store, self.retention)
         self.sessions = SessionManager(self.store, self.clock, self.bus, self.metrics)
         self.login = LoginService(self.store, self.clock, self.sessions, self._send_token, self.metrics)
         self.public_ctx = PublicContext(
@@ -116,7 +118,9 @@ class Gateway:
             middlewares=[problem_middleware, api_auth_middleware],
             client_max_size=1024 * 1024,
         )
-        add_api_routes(app, ApiContext(self.store, self.service, self.clock, self.settings.ssh.host_key))
+        add_api_routes(
+            app, ApiContext(self.store, self.service, self.clock, self.settings.ssh.host_key, self.retention)
+        )
         add_ops_routes(app, self.store, self.metrics)
         return app
 

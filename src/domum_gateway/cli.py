@@ -198,6 +198,30 @@ async def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+# purge -------------------------------------------------------------------------
+async def _purge(args: argparse.Namespace) -> int:
+    from .app import build_store
+    from .bus import Bus
+    from .control.retention import Retention
+    from .control.service import Actor
+
+    settings = _load(args)
+    store = build_store(settings)
+    await store.open()
+    try:
+        retention = Retention(store, SystemClock(), Bus(), settings.retention.days)
+        users = await retention.purge(Actor("cli:purge"), dry_run=args.dry_run)
+    finally:
+        await store.close()
+    verb = "would purge" if args.dry_run else "purged"
+    _say(
+        f"{verb} personal data of {len(users)} user(s) (grants ended over {settings.retention.days} days ago)"
+    )
+    for u in users:
+        _say(f"  {u.id}\t{u.name}\t{u.email or u.phone or ''}")
+    return 0
+
+
 # evidence ----------------------------------------------------------------------
 def _evidence(args: argparse.Namespace) -> int:
     import json
@@ -227,8 +251,8 @@ def _evidence(args: argparse.Namespace) -> int:
     )
     if key is None:
         _say(
-            "note: signature checked against the key inside the file; pass --key certs/ssh_host_ed25519_key.pub "
-            "to prove it came from your gateway"
+            "note: signature checked against the key inside the file; pass "
+            "--key certs/ssh_host_ed25519_key.pub to prove it came from your gateway"
         )
     return 0
 
@@ -265,6 +289,9 @@ def _parser() -> argparse.ArgumentParser:
     asub = audit.add_subparsers(dest="audit_cmd", required=True)
     with_config(asub.add_parser("verify", help="check the hash chain"))
 
+    purge = with_config(sub.add_parser("purge", help="purge personal data past retention.days"))
+    purge.add_argument("--dry-run", action="store_true", help="only show who would be purged")
+
     evidence = sub.add_parser("evidence", help="evidence bundle tools")
     esub = evidence.add_subparsers(dest="evidence_cmd", required=True)
     ev = esub.add_parser("verify", help="check a bundle's signature and chain offline")
@@ -285,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_token(args))
         if args.cmd == "audit":
             return asyncio.run(_audit(args))
+        if args.cmd == "purge":
+            return asyncio.run(_purge(args))
         if args.cmd == "evidence":
             return _evidence(args)
     except ConfigError as exc:

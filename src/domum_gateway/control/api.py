@@ -30,6 +30,7 @@ from ..store.base import AuditFilter, RequestFilter, Store
 from .evidence import MAX_SEGMENT, build_bundle, load_signing_key
 from .fields import Reader, read_json
 from .openapi import build_openapi
+from .retention import Retention
 from .service import Actor, AdminService
 from .views import (
     event_json,
@@ -58,11 +59,13 @@ class ApiContext:
         service: AdminService,
         clock: Clock,
         signing_key_path: Path | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self.store = store
         self.service = service
         self.clock = clock
         self.signing_key_path = signing_key_path
+        self.retention = retention or Retention(store, clock, service.bus, 90)
         self._signing_key: Ed25519PrivateKey | None = None
         # (method, path) -> least role; AUDITOR < ADMIN
         self.roles: dict[tuple[str, str], Role] = {}
@@ -206,8 +209,24 @@ async def patch_user(request: web.Request) -> web.Response:
 
 
 async def delete_user(request: web.Request) -> web.Response:
-    await _ctx(request).service.delete_user(request.match_info["id"], actor_of(request))
+    """Delete a user without history, or with ``?erase=true`` erase their personal data."""
+    ctx = _ctx(request)
+    erase = request.query.get("erase", "false").lower()
+    if erase not in ("true", "false", "1", "0"):
+        raise ValidationError.one("erase", "must be true or false")
+    if erase in ("true", "1"):
+        await ctx.retention.erase(request.match_info["id"], actor_of(request))
+    else:
+        await ctx.service.delete_user(request.match_info["id"], actor_of(request))
     return web.Response(status=204)
+
+
+async def export_user(request: web.Request) -> web.Response:
+    """Everything held about one user (data-subject access request)."""
+    ctx = _ctx(request)
+    data = await ctx.retention.export(request.match_info["id"])
+    await ctx.store.append_audit(actor_of(request).entry("user.exported", request.match_info["id"]))
+    return _json(data)
 
 
 # reasons ---------------------------------------------------------------------
@@ -487,6 +506,7 @@ ROUTES: list[tuple[str, str, Handler, Role]] = [
     ("GET", "/api/v1/users/{id}", get_user, Role.AUDITOR),
     ("PATCH", "/api/v1/users/{id}", patch_user, Role.ADMIN),
     ("DELETE", "/api/v1/users/{id}", delete_user, Role.ADMIN),
+    ("GET", "/api/v1/users/{id}/export", export_user, Role.ADMIN),
     ("POST", "/api/v1/reasons", create_reason, Role.ADMIN),
     ("GET", "/api/v1/reasons", list_reasons, Role.AUDITOR),
     ("GET", "/api/v1/reasons/{id}", get_reason, Role.AUDITOR),

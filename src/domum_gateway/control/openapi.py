@@ -364,6 +364,19 @@ def build_openapi() -> dict[str, Any]:
     }
     paths.update(_crud("groups", "Group"))
     paths.update(_crud("users", "User", extra_list=[_q("group_id", {"type": "string"}, "only this group")]))
+    paths["/api/v1/users/{id}"]["delete"]["parameters"] = [
+        *_ID,
+        _q("erase", {"type": "boolean"}, "keep the record but erase name, e-mail and phone"),
+    ]
+    paths["/api/v1/users/{id}/export"] = {
+        "get": _op(
+            "Everything held about one user: record, requests, sessions, audit events",
+            "admin",
+            _ok("200", "a domum-user-export/1 document", {"type": "object"}),
+            params=_ID,
+            errors=(404,),
+        ),
+    }
     paths.update(_crud("reasons", "Reason", patch=False))
     paths.update(_crud("targets", "Target"))
     status = {"type": "string", "enum": ["saved", "forwarded", "revoked", "expired"]}

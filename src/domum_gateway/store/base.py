@@ -40,7 +40,13 @@ __all__ = [
     "SessionCreate",
     "Store",
     "T",
+    "pseudonym",
 ]
+
+
+def pseudonym(user_id: str) -> str:
+    """What a purged user is called from then on (stable, says nothing about the person)."""
+    return f"purged user {user_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +63,7 @@ class AuditFilter:
     since: datetime | None = None
     type: str | None = None
     request_id: str | None = None
+    subject: str | None = None
     limit: int = 100
     cursor: str | None = None
 
@@ -161,6 +168,24 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_users(self, group_id: str | None = None) -> list[RemoteUser]: ...
+
+    @abc.abstractmethod
+    async def purge_candidates(self, cutoff: datetime) -> list[RemoteUser]:
+        """Users not yet purged whose every request ended (or was revoked) at or before ``cutoff``."""
+
+    @abc.abstractmethod
+    async def purge_user(self, user_id: str, now: datetime, audit: AuditEntry) -> bool:
+        """Erase a user's personal data in one transaction.
+
+        Name becomes a pseudonym, e-mail and phone are cleared, ``purged_at`` is set, and the
+        personal blobs of the audit events about the user (subject = user id, or events of the
+        user's requests) are dropped. Event hashes cover only commitments, so the chain still
+        verifies. Returns False when the user does not exist or is already purged.
+        """
+
+    @abc.abstractmethod
+    async def has_open_requests(self, user_id: str, now: datetime) -> bool:
+        """Whether the user has a saved or forwarded request whose window has not ended."""
 
     @abc.abstractmethod
     async def create_reason(self, reason: Reason, audit: AuditEntry) -> None: ...

@@ -50,6 +50,7 @@ from .base import (
     RequestFilter,
     SessionCreate,
     Store,
+    pseudonym,
 )
 from .migrations import MIGRATIONS
 
@@ -125,6 +126,8 @@ class SqliteStore(Store):
         await conn.execute("PRAGMA foreign_keys = ON")
         await conn.execute("PRAGMA journal_mode = WAL")
         await conn.execute("PRAGMA synchronous = NORMAL")
+        # Erased personal data must not linger in free pages of the file.
+        await conn.execute("PRAGMA secure_delete = ON")
         return conn
 
     async def open(self) -> None:
@@ -413,6 +416,49 @@ class SqliteStore(Store):
         else:
             rows = await self._all("SELECT * FROM users WHERE group_id = ? ORDER BY name, id", (group_id,))
         return [_user(r) for r in rows]
+
+    async def purge_candidates(self, cutoff: datetime) -> list[RemoteUser]:
+        rows = await self._all(
+            "SELECT u.* FROM users u WHERE u.purged_at IS NULL"
+            " AND EXISTS (SELECT 1 FROM access_requests r WHERE r.user_id = u.id)"
+            " AND NOT EXISTS (SELECT 1 FROM access_requests r WHERE r.user_id = u.id AND"
+            "   (CASE WHEN r.revoked_at IS NOT NULL AND r.revoked_at < r.end_at"
+            "         THEN r.revoked_at ELSE r.end_at END) > ?)"
+            " ORDER BY u.id",
+            (_ts(cutoff),),
+        )
+        return [_user(r) for r in rows]
+
+    async def purge_user(self, user_id: str, now: datetime, audit: AuditEntry) -> bool:
+        async with self._tx() as w:
+            cur = await w.execute(
+                "UPDATE users SET name = ?, email = NULL, phone = NULL, purged_at = ?"
+                " WHERE id = ? AND purged_at IS NULL",
+                (pseudonym(user_id), _ts(now), user_id),
+            )
+            if cur.rowcount == 0:
+                return False
+            await w.execute(
+                "UPDATE audit_events SET personal = NULL WHERE personal IS NOT NULL AND (subject = ?"
+                " OR request_id IN (SELECT id FROM access_requests WHERE user_id = ?))",
+                (user_id, user_id),
+            )
+            await self._audit(w, audit)
+        # Old page images in the write-ahead log still hold the erased values: fold the log
+        # back into the (securely overwritten) main file and truncate it.
+        try:
+            await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("store.checkpoint_failed detail=%s", exc)
+        return True
+
+    async def has_open_requests(self, user_id: str, now: datetime) -> bool:
+        row = await self._one(
+            "SELECT 1 AS x FROM access_requests WHERE user_id = ? AND status IN ('saved', 'forwarded')"
+            " AND end_at > ? LIMIT 1",
+            (user_id, _ts(now)),
+        )
+        return row is not None
 
     # reasons -----------------------------------------------------------------
     async def create_reason(self, reason: Reason, audit: AuditEntry) -> None:
@@ -786,6 +832,9 @@ class SqliteStore(Store):
         if flt.request_id is not None:
             where.append("request_id = ?")
             params.append(flt.request_id)
+        if flt.subject is not None:
+            where.append("subject = ?")
+            params.append(flt.subject)
         if flt.cursor:
             parts = _decode_cursor(flt.cursor, 1)
             if parts is None or not parts[0].isdigit():
