@@ -52,7 +52,8 @@ sysdeps:
 	fi
 
 lint: $(TSTAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests $(wildcard bench)
+	$(BIN)/ruff format --check -q src tests $(wildcard bench)
 
 typecheck: $(TSTAMP)
 	$(BIN)/mypy
