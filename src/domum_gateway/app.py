@@ -25,6 +25,7 @@ from aiohttp import web
 from .bus import Bus
 from .clock import Clock, SystemClock
 from .control.api import ApiContext, add_api_routes, api_auth_middleware
+from .control.console import add_console_routes
 from .control.notifier import Notifier, build_notifier, render_token_message
 from .control.ops import add_ops_routes
 from .control.problems import problem_middleware
@@ -122,6 +123,7 @@ class Gateway:
             app, ApiContext(self.store, self.service, self.clock, self.settings.ssh.host_key, self.retention)
         )
         add_ops_routes(app, self.store, self.metrics)
+        add_console_routes(app, store=self.store, service=self.service, clock=self.clock)
         return app
 
     async def _send_token(self, user: RemoteUser, token: str) -> None:
