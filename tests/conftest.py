@@ -1,7 +1,14 @@
-"""Fixtures shared by the suite: a gateway on ephemeral loopback ports with a real SMTP server."""
+"""Fixtures shared by the suite: a gateway on ephemeral loopback ports with a real SMTP server.
+
+The ``running`` gateway uses SQLite, or PostgreSQL (a throwaway server, a fresh database
+per test) when parametrised: ``--stores sqlite,postgresql`` (or ``DOMUM_TEST_STORES``)
+runs every test that uses it on each store named; without either, the modules in
+``_ALL_STORES_BY_DEFAULT`` run on both and everything else on SQLite.
+"""
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -19,7 +26,48 @@ from domum_gateway.model import Role
 from domum_gateway.pki import client_ssl_context, make_test_pki
 from domum_gateway.settings import Settings, settings_from_mapping
 
+from .peers.postgres import PostgresServer, pg_server, pg_url  # noqa: F401  (fixtures)
 from .peers.smtp import LoopbackController, Mailbox
+
+STORES = ("sqlite", "postgresql")
+_ALL_STORES_BY_DEFAULT = frozenset({"test_api.py", "test_login_core.py"})
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--stores",
+        default=os.environ.get("DOMUM_TEST_STORES", ""),
+        help="comma-separated stores for the `running` gateway in every test (sqlite,postgresql); "
+        "default: both for the API and login-core suites, SQLite elsewhere",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "store_kind" not in metafunc.fixturenames:
+        return
+    option = str(metafunc.config.getoption("--stores"))
+    chosen = [kind.strip() for kind in option.split(",") if kind.strip()]
+    unknown = sorted(set(chosen) - set(STORES))
+    if unknown:
+        raise pytest.UsageError(f"--stores: unknown store {', '.join(unknown)}; use {', '.join(STORES)}")
+    if not chosen:
+        chosen = list(STORES) if metafunc.definition.path.name in _ALL_STORES_BY_DEFAULT else ["sqlite"]
+    if chosen != ["sqlite"]:  # SQLite-only keeps the test ids unchanged
+        metafunc.parametrize("store_kind", chosen, indirect=True)
+
+
+@pytest.fixture
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """The store the ``running`` gateway uses (parametrised by ``pytest_generate_tests``)."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def store_url(request: pytest.FixtureRequest, tmp_path: Path, store_kind: str) -> str:
+    """``storage.url`` for the ``running`` gateway: a file, or a fresh PostgreSQL database."""
+    if store_kind == "postgresql":
+        return str(request.getfixturevalue("pg_url"))
+    return f"sqlite:///{tmp_path}/var/domum.db"
 
 
 @pytest.fixture
@@ -64,6 +112,17 @@ class Running:
     auditor_token: str
     ssl: ssl.SSLContext
     mailbox: Mailbox
+    pg: PostgresServer | None = None
+
+    async def database_bytes(self) -> bytes:
+        """Everything the store has written: the SQLite file and its WAL, or a pg_dump."""
+        storage = self.gateway.settings.storage
+        if self.pg is not None:
+            return self.pg.dump(storage.url)
+        db = storage.sqlite_path
+        assert db is not None
+        files = [db.with_name(db.name + suffix) for suffix in ("", "-wal")]
+        return b"".join(p.read_bytes() for p in files if p.exists())
 
     def admin(self, token: str | None = None) -> aiohttp.ClientSession:
         headers = {"Authorization": f"Bearer {token or self.admin_token}"}
@@ -87,16 +146,26 @@ async def _token(gw: Gateway, name: str, role: Role) -> str:
 
 
 @pytest.fixture
-async def running(tmp_path: Path, mailbox: tuple[Mailbox, int]) -> AsyncIterator[Running]:
+async def running(
+    request: pytest.FixtureRequest, tmp_path: Path, mailbox: tuple[Mailbox, int], store_url: str
+) -> AsyncIterator[Running]:
     box, port = mailbox
-    settings = make_settings(tmp_path, smtp_port=port)
+    settings = make_settings(tmp_path, smtp_port=port, storage={"url": store_url})
+    pg = request.getfixturevalue("pg_server") if settings.storage.kind == "postgresql" else None
     gw = Gateway(settings, grace=1.0)
     await gw.start()
     try:
         admin = await _token(gw, "admin", Role.ADMIN)
         auditor = await _token(gw, "auditor", Role.AUDITOR)
         yield Running(
-            gw, gw.url("admin"), gw.url("public"), admin, auditor, client_ssl_context(settings.tls.ca), box
+            gw,
+            gw.url("admin"),
+            gw.url("public"),
+            admin,
+            auditor,
+            client_ssl_context(settings.tls.ca),
+            box,
+            pg=pg,
         )
     finally:
         await gw.stop()

@@ -41,6 +41,7 @@ from .proxy.login import LoginService
 from .proxy.sessions import SessionManager
 from .settings import Settings
 from .store.base import Store
+from .store.postgres import PostgresStore
 from .store.sqlite import SqliteStore
 
 __all__ = ["Gateway", "build_store"]
@@ -54,7 +55,12 @@ def build_store(settings: Settings, clock: Clock | None = None) -> Store:
         path = settings.storage.sqlite_path
         assert path is not None
         return SqliteStore(path, clock)
-    raise ConfigError(f"{settings.path}: storage.url: PostgreSQL support is not available in this build")
+    return PostgresStore(
+        settings.storage.url,
+        clock,
+        pool_size=settings.storage.pool_size,
+        statement_timeout=settings.storage.statement_timeout,
+    )
 
 
 @dataclass
@@ -157,6 +163,11 @@ class Gateway:
     # running -------------------------------------------------------------------
     async def start(self) -> None:
         await self.store.open()
+        if isinstance(self.store, PostgresStore):
+            # Replicas share changes over LISTEN/NOTIFY: theirs are published here only
+            # locally, ours go out through the bus's remote hook.
+            await self.store.listen(lambda change: self.bus.publish(change, local_only=True))
+            self.bus.set_remote(self.store.notify)
         ctx = self._ssl()
         await self._listen(
             "admin", self.admin_app, self.settings.admin.listen.host, self.settings.admin.listen.port, ctx
@@ -210,6 +221,7 @@ class Gateway:
         if close is not None:
             with contextlib.suppress(Exception):
                 await close()
+        self.bus.set_remote(None)
         await self.store.close()
         log.info("gateway.stopped")
 

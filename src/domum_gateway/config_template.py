@@ -100,6 +100,10 @@ ca = "../certs/ca.crt"
 # "sqlite:///RELATIVE/PATH" or "sqlite:////ABSOLUTE/PATH" for one process, or
 # "postgresql://USER:PASSWORD@HOST:5432/DB" for several replicas sharing one database.
 url = "sqlite:///../var/domum.db"
+# PostgreSQL only: connections each replica keeps open (plus one for notifications),
+# and seconds before a statement is abandoned (the request then fails closed).
+pool_size = 10
+statement_timeout = 5.0
 
 [email]
 # SMTP server for links and one-time tokens; leave smtp_host empty to turn e-mail off.

@@ -182,9 +182,14 @@ class TlsSettings:
 
 @dataclass(frozen=True, slots=True, repr=False)
 class StorageSettings:
-    """Where state lives; a relative SQLite path is already resolved in ``url``."""
+    """Where state lives; a relative SQLite path is already resolved in ``url``.
+
+    ``pool_size`` and ``statement_timeout`` (seconds) apply to PostgreSQL only.
+    """
 
     url: str
+    pool_size: int = 10
+    statement_timeout: float = 5.0
 
     @property
     def kind(self) -> Literal["sqlite", "postgresql"]:
@@ -346,7 +351,7 @@ def settings_from_mapping(data: Mapping[str, Any], path: Path) -> Settings:
     ssh = _ssh(section("ssh"))
     admin = AdminSettings(listen=section("admin").hostport("listen", "127.0.0.1:9443"))
     tls = _tls(section("tls"))
-    storage = StorageSettings(url=section("storage").storage_url("url", "sqlite:///../var/domum.db"))
+    storage = _storage(section("storage"))
     email = _email(section("email"))
     sms = _sms(section("sms"))
     outbox = OutboxSettings(dir=section("outbox").path("dir", "../var/outbox"))
@@ -400,6 +405,14 @@ def _tls(sec: _Section) -> TlsSettings:
         cert=sec.path("cert", "../certs/gateway.crt"),
         key=sec.path("key", "../certs/gateway.key"),
         ca=sec.path("ca", "../certs/ca.crt"),
+    )
+
+
+def _storage(sec: _Section) -> StorageSettings:
+    return StorageSettings(
+        url=sec.storage_url("url", "sqlite:///../var/domum.db"),
+        pool_size=sec.integer("pool_size", 10, 1, 1000, "a whole number of connections from 1 to 1000"),
+        statement_timeout=sec.seconds("statement_timeout", 5.0),
     )
 
 
