@@ -37,7 +37,10 @@ from .metrics import Metrics
 from .model import Channel, RemoteUser
 from .pki import server_ssl_context
 from .proxy.context import CTX, PublicContext
+from .proxy.geoip import open_country_lookup
+from .proxy.headers import install_security_headers
 from .proxy.login import LoginService
+from .proxy.pages import add_login_routes, error_page_middleware
 from .proxy.sessions import SessionManager
 from .settings import Settings
 from .store.base import Store
@@ -139,16 +142,21 @@ class Gateway:
         )
 
     def _build_public_app(self) -> web.Application:
-        app = web.Application(client_max_size=1024 * 1024)
+        # error pages outermost, so every failure below (DomumError, 404, a crash) is a page.
+        app = web.Application(middlewares=[error_page_middleware], client_max_size=1024 * 1024)
         app[CTX] = self.public_ctx
+        install_security_headers(app)
+        countries = open_country_lookup(self.settings.geoip.database)
+        if countries is not None:
+            # One reader serves every door: login (pages, SSH jump) and the session checks.
+            self.login.countries = countries
+            self.sessions.countries = countries
 
-        async def root(_: web.Request) -> web.Response:
-            return web.Response(
-                text="Domum Gateway. Open the personal link you received to sign in.\n",
-                headers={"Cache-Control": "no-store"},
-            )
+            async def close_countries(_: web.Application) -> None:
+                countries.close()
 
-        app.router.add_get("/", root)
+            app.on_cleanup.append(close_countries)
+        add_login_routes(app, self.public_ctx)
         return app
 
     def _ssl(self) -> ssl.SSLContext | None:

@@ -35,6 +35,9 @@ class PublicContext:
     metrics: Metrics
     sessions: SessionManager
     login: LoginService
+    # The SSH jump port users connect to, when it differs from ``ssh.listen`` (behind NAT,
+    # or an ephemeral port in tests); the portal's ``ssh -J`` line shows it.
+    ssh_port: int | None = None
 
     @property
     def trusted_proxies(self) -> tuple[IPv4Network | IPv6Network, ...]:
@@ -54,11 +57,22 @@ def client_of(request: web.Request) -> IPAddress:
     peer = request.transport.get_extra_info("peername") if request.transport else None
     peer_host = str(peer[0]) if peer else "0.0.0.0"
     if ctx.trusted_proxies:
-        addr = client_address(peer_host, request.headers.getall("X-Forwarded-For", []), ctx.trusted_proxies)
+        forwarded = request.headers.getall("X-Forwarded-For", [])
+        if forwarded and _names_forwarded_for(request.headers.getall("Connection", [])):
+            # "Connection: X-Forwarded-For" asks hops to drop the header; one that reached
+            # us anyway was not vouched for by our proxy. Fall back to the proxy itself.
+            forwarded = []
+        addr = client_address(peer_host, forwarded, ctx.trusted_proxies)
     else:
         addr = normalise_address(peer_host)
     request[_CLIENT] = str(addr)
     return addr
+
+
+def _names_forwarded_for(connection: list[str]) -> bool:
+    return any(
+        token.strip().lower() == "x-forwarded-for" for value in connection for token in value.split(",")
+    )
 
 
 async def session_of(request: web.Request) -> LiveSession | None:

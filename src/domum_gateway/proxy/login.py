@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 from ..audit import AuditEntry
 from ..auth.decide import Deny, DenyReason, decide, explain
@@ -23,7 +24,8 @@ from ..errors import DeliveryError, DomumError, TooManyRequests
 from ..metrics import Metrics
 from ..model import AccessRequest, Grant, RemoteUser, RequestStatus
 from ..store.base import OtpResult, Store
-from .sessions import LiveSession, SessionManager
+from .geoip import CountryLookup
+from .sessions import LiveSession, SessionManager, TooManySessions
 
 __all__ = [
     "GENERIC_REFUSAL",
@@ -120,6 +122,12 @@ class LoginService:
         self._send = send_token
         self._metrics = metrics
         self.ip_limiter = RateLimiter(per_ip_limit, per_ip_window)
+        # Set by the composition root when ``geoip.database`` is configured.
+        self.countries: CountryLookup | None = None
+
+    def country_of(self, peer: IPAddress) -> str | None:
+        """The client's country for origin rules (None without a GeoIP database)."""
+        return self.countries.country(peer) if self.countries is not None else None
 
     def limit_client(self, client: str) -> None:
         """Per-client-address limit on every login endpoint (429 with Retry-After)."""
@@ -144,11 +152,18 @@ class LoginService:
             return None
         return LinkInfo(request, user, loaded[0])
 
-    def window_refusal(self, info: LinkInfo | None, peer: IPAddress) -> LoginRefused | None:
-        """Why this link cannot be used now from ``peer`` (None when it can)."""
+    def window_refusal(
+        self, info: LinkInfo | None, peer: IPAddress, country: str | None = None
+    ) -> LoginRefused | None:
+        """Why this link cannot be used now from ``peer`` (None when it can).
+
+        ``country`` defaults to the GeoIP lookup of ``peer`` (when a database is set).
+        """
         if info is None or info.request.status in (RequestStatus.REVOKED, RequestStatus.SAVED):
             return LoginRefused(GENERIC_REFUSAL, "invalid_link")
-        decision = decide(info.grant, self._clock.now(), peer)
+        if country is None and info.grant.origins.countries:
+            country = self.country_of(peer)
+        decision = decide(info.grant, self._clock.now(), peer, country=country)
         if isinstance(decision, Deny):
             if decision.reason in (DenyReason.REVOKED, DenyReason.NOT_FORWARDED, DenyReason.UNKNOWN):
                 return LoginRefused(GENERIC_REFUSAL, "invalid_link")
@@ -160,6 +175,8 @@ class LoginService:
         refusal = self.window_refusal(info, peer)
         if refusal is not None:
             self._metrics.denied.labels(refusal.reason).inc()
+            if info is not None:
+                await self._audit(info, "token.refused", refusal.reason, origin)
             raise refusal
         assert info is not None
         channel = info.user.channel.value
@@ -193,6 +210,8 @@ class LoginService:
         if refusal is not None:
             self._metrics.logins.labels(refusal.reason).inc()
             self._metrics.denied.labels(refusal.reason).inc()
+            if info is not None:
+                await self._audit(info, "login.refused", refusal.reason, origin)
             raise refusal
         assert info is not None
         token = normalise_otp(raw_token)
@@ -201,6 +220,10 @@ class LoginService:
             self._metrics.logins.labels("wrong_token").inc()
             await self._audit(info, "login.refused", "wrong_token", origin)
             raise LoginRefused(GENERIC_REFUSAL, "wrong_token")
+        # Checked before the token is spent, so a user at the limit keeps the token for
+        # after they log out elsewhere; ``open`` checks again atomically.
+        if await self._sessions.at_capacity(info.request):
+            await self._too_many_sessions(info, origin)
         result = await self._store.redeem_otp(
             info.request.id, hash_secret(token), self._clock.now(), MAX_TRIES
         )
@@ -217,10 +240,20 @@ class LoginService:
                     "token_exhausted",
                 )
             raise LoginRefused(GENERIC_REFUSAL, "wrong_token")
-        cookie, live = await self._sessions.open(info.request, peer, origin)
+        try:
+            cookie, live = await self._sessions.open(info.request, peer, origin)
+        except TooManySessions:
+            await self._too_many_sessions(info, origin)
         self._metrics.logins.labels("ok").inc()
         await self._audit(info, "login.succeeded", "ok", origin, {"session_id": live.id})
         return cookie, live
+
+    async def _too_many_sessions(self, info: LinkInfo, origin: str) -> NoReturn:
+        reason = DenyReason.TOO_MANY_SESSIONS
+        self._metrics.logins.labels(reason.value).inc()
+        self._metrics.denied.labels(reason.value).inc()
+        await self._audit(info, "login.refused", reason.value, origin)
+        raise TooManySessions(explain(reason, info.grant))
 
     async def _audit(
         self, info: LinkInfo, action: str, outcome: str, origin: str, details: dict[str, str] | None = None

@@ -18,13 +18,13 @@ import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from ..audit import AuditEntry
 from ..auth.decide import ALLOW, Decision, Deny, DenyReason, SessionFacts, decide
 from ..auth.grant import build_grant
-from ..auth.origin import CompiledOrigins, IPAddress, compile_origins
+from ..auth.origin import CompiledOrigins, IPAddress, compile_origins, normalise_address
 from ..auth.secrets import hash_secret, new_id, new_session_id
 from ..bus import Bus, Change, ChangeKind
 from ..clock import Clock
@@ -32,6 +32,7 @@ from ..errors import DomumError
 from ..metrics import Metrics
 from ..model import AccessRequest, Grant, RequestStatus, Session
 from ..store.base import SessionCreate, Store
+from .geoip import CountryLookup
 
 __all__ = ["Closer", "LiveSession", "SessionManager", "TooManySessions"]
 
@@ -78,6 +79,9 @@ class LiveSession:
     ended: bool = False
     end_reason: str | None = None
     closers: set[Closer] = field(default_factory=set)
+    # The bound address's country (GeoIP), looked up once: the address cannot change
+    # without ending the session.
+    country: str | None = None
 
     def facts(self) -> SessionFacts:
         return SessionFacts(address=self.address, last_seen=self.last_seen, ended=self.ended)
@@ -110,8 +114,13 @@ class SessionManager:
         self._by_id: dict[str, LiveSession] = {}
         self._grants: dict[str, _GrantEntry] = {}
         self._dirty: dict[str, datetime] = {}
+        # Hashes of sessions cut in memory whose end the store has not recorded yet: a
+        # lookup in that gap must not load the still-"live" row and revive the session.
+        self._ending: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._flusher: asyncio.Task[None] | None = None
+        # Set by the composition root when ``geoip.database`` is configured.
+        self.countries: CountryLookup | None = None
         bus.subscribe(self._on_change)
 
     # lifecycle ------------------------------------------------------------------
@@ -181,6 +190,7 @@ class SessionManager:
         if loaded is None:
             raise DomumError("The access request's group no longer exists.")
         grant, origins = loaded
+        await self.sweep_idle(request.id, grant)
         cookie = new_session_id()
         now = self._clock.now()
         session = Session(
@@ -218,11 +228,62 @@ class SessionManager:
             grant=grant,
             origins=origins,
             hash=digest,
+            country=self._country(address),
         )
         self._by_hash[digest] = live
         self._by_id[live.id] = live
         self._metrics.sessions_active.labels("web").inc()
         return cookie, live
+
+    async def at_capacity(self, request: AccessRequest) -> bool:
+        """Whether the grant already has ``max_sessions`` live sessions (idle ones swept)."""
+        loaded = await self.grant_for(request)
+        if loaded is None:
+            return False  # ``open`` refuses it with a clearer error
+        grant = loaded[0]
+        live = await self.sweep_idle(request.id, grant)
+        return live >= grant.max_sessions
+
+    async def sweep_idle(self, request_id: str, grant: Grant) -> int:
+        """End the request's sessions idle past the timeout; return how many stay live.
+
+        A session nobody uses again is never checked again, so without this sweep an
+        abandoned browser tab would hold one of ``max_sessions`` until the window ends.
+        Memory knows the latest activity; the store's ``last_seen`` lags by one flush.
+        """
+        now = self._clock.now()
+        idle = timedelta(seconds=grant.idle_timeout_seconds)
+        remaining = 0
+        for stored in await self._store.list_sessions(request_id, live=True):
+            cached = self._by_id.get(stored.id)
+            last_seen = max(stored.last_seen, cached.last_seen) if cached is not None else stored.last_seen
+            if now - last_seen < idle:
+                remaining += 1
+                continue
+            if cached is not None:
+                self._cut(cached, _REASON_TEXT[DenyReason.SESSION_IDLE])
+            await self._store.end_session(
+                stored.id,
+                DenyReason.SESSION_IDLE.value,
+                now,
+                AuditEntry(
+                    actor="system",
+                    action="session.ended",
+                    subject=stored.id,
+                    outcome="denied",
+                    details={"request_id": request_id, "reason": DenyReason.SESSION_IDLE.value},
+                ),
+            )
+        return remaining
+
+    def _country(self, address: IPAddress | str) -> str | None:
+        if self.countries is None:
+            return None
+        try:
+            peer = normalise_address(address) if isinstance(address, str) else address
+        except ValueError:
+            return None
+        return self.countries.country(peer)
 
     async def lookup(self, cookie: str) -> LiveSession | None:
         """The live session for a cookie value: memory first, the store once on a miss."""
@@ -232,11 +293,13 @@ class SessionManager:
         live = self._by_hash.get(digest)
         if live is not None:
             return None if live.ended else live
+        if digest in self._ending:
+            return None
         stored = await self._store.find_session(digest)
         if stored is None:
             return None
         entry = await self._grant_by_id(stored.request_id)
-        if entry is None:
+        if entry is None or digest in self._ending:
             return None
         live = self._by_id.get(stored.id)
         if live is None:
@@ -250,6 +313,7 @@ class SessionManager:
                 grant=entry.grant,
                 origins=entry.origins,
                 hash=digest,
+                country=self._country(stored.address),
             )
             self._by_id[live.id] = live
             self._metrics.sessions_active.labels("web").inc()
@@ -267,6 +331,8 @@ class SessionManager:
     ) -> Decision:
         """Decide for one request on ``live`` (memory only). Ends the session when terminal."""
         now = self._clock.now()
+        if country is None:
+            country = live.country
         decision = decide(live.grant, now, peer, target, live.facts(), country, live.origins)
         if isinstance(decision, Deny):
             self._metrics.denied.labels(decision.reason.value).inc()
@@ -291,6 +357,7 @@ class SessionManager:
 
     async def end(self, live: LiveSession, reason: str, actor: str, origin: str = "") -> None:
         """End a session now (logout, terminate) and cut its connections."""
+        self._ending.add(live.hash)
         self._cut(live, reason)
         await self._store.end_session(
             live.id,
@@ -304,6 +371,7 @@ class SessionManager:
                 details={"request_id": live.request_id, "reason": reason},
             ),
         )
+        self._ending.discard(live.hash)
         self._bus.publish(Change(ChangeKind.SESSION, live.id, reason))
 
     def live_sessions(self) -> list[LiveSession]:
@@ -331,6 +399,7 @@ class SessionManager:
     def _end_later(self, live: LiveSession, reason: DenyReason) -> None:
         """Cut now (synchronously), record the end in the store in the background."""
         text = _REASON_TEXT.get(reason, reason.value)
+        self._ending.add(live.hash)
         self._cut(live, text)
         self._spawn(self._record_end(live, reason))
 
@@ -349,7 +418,11 @@ class SessionManager:
                 ),
             )
         except DomumError as exc:
+            # Keep the hash in ``_ending``: the session stays dead here even though the
+            # store could not say so.
             log.warning("sessions.end_not_recorded session=%s detail=%s", live.id, exc.detail)
+            return
+        self._ending.discard(live.hash)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
