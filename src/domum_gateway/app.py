@@ -1,10 +1,12 @@
 """Composition root: the only module that imports every layer and wires them together.
 
 Start-up order: store (migrations) -> notifier -> services and caches -> admin listener
--> public listener -> scheduler.
+-> public listener -> SSH jump listener -> scheduler.
 
 Shutdown order (the reverse, and why):
-1. stop accepting on every listener, so no new work arrives;
+1. stop accepting on every listener, so no new work arrives: the SSH jump listener first
+   (it also disconnects its clients with the reason, since asyncssh keeps connections
+   open after its listener closes), then the HTTPS listeners;
 2. let in-flight requests finish, bounded by ``grace`` seconds, then close what is left
    (long-lived tunnels and terminals are told the gateway is going away);
 3. stop the scheduler, so no timer writes into a closing store;
@@ -35,13 +37,15 @@ from .control.service import AdminService
 from .errors import ConfigError
 from .metrics import Metrics
 from .model import Channel, RemoteUser
-from .pki import server_ssl_context
+from .pki import ensure_ssh_host_key, server_ssl_context
 from .proxy.context import CTX, PublicContext
 from .proxy.geoip import open_country_lookup
 from .proxy.headers import install_security_headers
+from .proxy.jump import JumpServer
 from .proxy.login import LoginService
 from .proxy.pages import add_login_routes, error_page_middleware
 from .proxy.sessions import SessionManager
+from .proxy.terminal import add_terminal_routes
 from .settings import Settings
 from .store.base import Store
 from .store.postgres import PostgresStore
@@ -157,6 +161,9 @@ class Gateway:
 
             app.on_cleanup.append(close_countries)
         add_login_routes(app, self.public_ctx)
+        add_terminal_routes(app)
+        # Not an aiohttp app, but it serves the same people with the same context.
+        self.jump = JumpServer(self.public_ctx)
         return app
 
     def _ssl(self) -> ssl.SSLContext | None:
@@ -183,12 +190,19 @@ class Gateway:
         await self._listen(
             "public", self.public_app, self.settings.public.listen.host, self.settings.public.listen.port, ctx
         )
+        ssh = self.settings.ssh
+        if ensure_ssh_host_key(ssh.host_key):
+            log.warning("gateway.ssh_host_key_created path=%s (clients see a new host key)", ssh.host_key)
+        await self.jump.start(ssh.listen.host, ssh.listen.port, ssh.host_key)
+        if self.public_ctx.ssh_port is None:
+            self.public_ctx.ssh_port = self.jump.port
         self.scheduler.start()
         self.sessions.start()
         log.info(
-            "gateway.started public=%s admin=%s store=%s",
+            "gateway.started public=%s admin=%s ssh=%s store=%s",
             self.url("public"),
             self.url("admin"),
+            self.jump.addresses,
             self.store.kind,
         )
 
@@ -217,7 +231,13 @@ class Gateway:
             host = f"[{host}]"
         return f"{scheme}://{host}:{port}"
 
+    def ssh_port(self) -> int:
+        """The port the SSH jump listener is bound to."""
+        return self.jump.port
+
     async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.jump.stop()
         for listener in self._listeners.values():
             # cleanup() stops accepting, waits for handlers up to shutdown_timeout, then closes.
             with contextlib.suppress(Exception):
