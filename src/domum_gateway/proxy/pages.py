@@ -218,10 +218,19 @@ def _http_error(exc: web.HTTPException) -> web.Response:
 
 # CSRF ------------------------------------------------------------------------------
 class _Csrf:
-    """HMAC form tokens with a key that lives only in this process."""
+    """HMAC form tokens.
+
+    The key is derived from the gateway's TLS private key, which every replica shares (see
+    the README), so a form served by one replica is accepted by another behind a load
+    balancer. Without a readable key (tests without TLS) it is random for this process.
+    """
 
     def __init__(self, ctx: PublicContext) -> None:
-        self._key = secrets.token_bytes(32)
+        try:
+            material = ctx.settings.tls.key.read_bytes()
+        except OSError:
+            material = secrets.token_bytes(32)
+        self._key = hmac.new(material, b"domum-gateway csrf v1", hashlib.sha256).digest()
         self._clock = ctx.clock
 
     def _mac(self, *parts: str) -> str:
