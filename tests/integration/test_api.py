@@ -418,3 +418,13 @@ async def test_ops_endpoints(running: Running) -> None:
         ) as r:
             assert r.status == 503
     await running.gateway.store.open()
+
+
+async def test_hostile_cursors_are_400(running: Running) -> None:
+    import base64
+
+    async with running.admin() as s:
+        for raw in (["9" * 40], ["١٢٣"], ["x"], "not-a-list", [1]):
+            cursor = base64.urlsafe_b64encode(json.dumps(raw).encode()).decode().rstrip("=")
+            st, err = await call(s, "GET", "/api/v1/audit", params={"cursor": cursor})
+            assert st == 400, (raw, err)

@@ -837,7 +837,7 @@ class SqliteStore(Store):
             params.append(flt.subject)
         if flt.cursor:
             parts = _decode_cursor(flt.cursor, 1)
-            if parts is None or not parts[0].isdigit():
+            if parts is None or not parts[0].isascii() or not parts[0].isdigit() or len(parts[0]) > 18:
                 from ..errors import BadRequest
 
                 raise BadRequest("the cursor is not valid; start again without it")
