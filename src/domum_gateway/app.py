@@ -28,6 +28,7 @@ from .bus import Bus
 from .clock import Clock, SystemClock
 from .control.api import ApiContext, add_api_routes, api_auth_middleware
 from .control.console import add_console_routes
+from .control.evidence import EvidenceBuilder
 from .control.notifier import Notifier, build_notifier, render_token_message
 from .control.ops import add_ops_routes
 from .control.problems import problem_middleware
@@ -132,11 +133,12 @@ class Gateway:
             middlewares=[problem_middleware, api_auth_middleware],
             client_max_size=1024 * 1024,
         )
-        add_api_routes(
-            app, ApiContext(self.store, self.service, self.clock, self.settings.ssh.host_key, self.retention)
+        evidence = EvidenceBuilder(
+            self.store, self.clock, self.settings.public.base_url, self.settings.ssh.host_key
         )
+        add_api_routes(app, ApiContext(self.store, self.service, self.clock, evidence, self.retention))
         add_ops_routes(app, self.store, self.metrics)
-        add_console_routes(app, store=self.store, service=self.service, clock=self.clock)
+        add_console_routes(app, store=self.store, service=self.service, clock=self.clock, evidence=evidence)
         return app
 
     async def _send_token(self, user: RemoteUser, token: str) -> None:

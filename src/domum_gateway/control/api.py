@@ -10,24 +10,19 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from ipaddress import ip_network
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..auth.decide import Deny, DenyReason, decide
-from ..auth.decide import explain as explain_reason
-from ..auth.grant import build_grant
-from ..auth.origin import IPAddress, normalise_address
+from ..auth.grant import build_grant, judge
+from ..auth.origin import normalise_address
 from ..auth.secrets import hash_secret
 from ..auth.windows import parse_instant
 from ..clock import Clock
-from ..errors import ConfigError, Conflict, Forbidden, NotFound, StoreError, Unauthorized, ValidationError
-from ..model import ApiToken, AuditEvent, Grant, RequestStatus, Role
+from ..errors import Forbidden, NotFound, Unauthorized, ValidationError
+from ..model import ApiToken, RequestStatus, Role
 from ..store.base import AuditFilter, RequestFilter, Store
-from .evidence import MAX_SEGMENT, build_bundle, load_signing_key
+from .evidence import EvidenceBuilder
 from .fields import Reader, read_json
 from .openapi import build_openapi
 from .retention import Retention
@@ -58,27 +53,16 @@ class ApiContext:
         store: Store,
         service: AdminService,
         clock: Clock,
-        signing_key_path: Path | None = None,
-        retention: Retention | None = None,
+        evidence: EvidenceBuilder,
+        retention: Retention,
     ) -> None:
         self.store = store
         self.service = service
         self.clock = clock
-        self.signing_key_path = signing_key_path
-        self.retention = retention or Retention(store, clock, service.bus, 90)
-        self._signing_key: Ed25519PrivateKey | None = None
+        self.evidence = evidence
+        self.retention = retention
         # (method, path) -> least role; AUDITOR < ADMIN
         self.roles: dict[tuple[str, str], Role] = {}
-
-    def signing_key(self) -> Ed25519PrivateKey:
-        if self._signing_key is None:
-            if self.signing_key_path is None:
-                raise StoreError("No evidence signing key is configured.")
-            try:
-                self._signing_key = load_signing_key(self.signing_key_path)
-            except ConfigError as exc:
-                raise StoreError("The evidence signing key is unavailable; see the gateway log.") from exc
-        return self._signing_key
 
 
 CTX = web.AppKey("api_ctx", ApiContext)
@@ -349,52 +333,14 @@ async def revoke_request(request: web.Request) -> web.Response:
 async def request_evidence(request: web.Request) -> web.Response:
     """The signed evidence bundle of one access request."""
     ctx = _ctx(request)
-    req = await ctx.service.get_request(request.match_info["id"])
-    user = await ctx.store.get_user(req.user_id)
-    group = await ctx.store.get_group(req.group_id)
-    reason = await ctx.store.get_reason(req.reason_id)
-    timeline: list[AuditEvent] = []
-    cursor: str | None = None
-    while True:
-        page = await ctx.store.list_audit(AuditFilter(request_id=req.id, limit=1000, cursor=cursor))
-        timeline += page.items
-        cursor = page.next_cursor
-        if not cursor or len(timeline) > MAX_SEGMENT:
-            break
-    segment: list[AuditEvent] = []
-    if timeline:
-        first, last = timeline[0].seq, timeline[-1].seq
-        if last - first > MAX_SEGMENT:
-            raise Conflict("The request's history is too long for one bundle; export the audit log instead.")
-        segment = [e for e in await ctx.store.all_audit() if first <= e.seq <= last]
-    sessions = await ctx.store.list_sessions(req.id, live=False)
-    people = {
-        "user": {
-            "id": req.user_id,
-            "name": user.name if user and not user.purged_at else None,
-            "email": user.email if user and not user.purged_at else None,
-            "channel": user.channel.value if user else None,
-            "purged": bool(user and user.purged_at),
-        },
-        "group": {"id": req.group_id, "name": group.name if group else None},
-        "reason": {"id": req.reason_id, "label": reason.label if reason else None},
-    }
-    bundle = build_bundle(
-        request=request_json(req),
-        people=people,
-        sessions=[session_json(s) for s in sessions],
-        timeline_seqs=[e.seq for e in timeline],
-        segment=segment,
-        generated_at=ctx.clock.now(),
-        gateway=ctx.service.base_url,
-        key=ctx.signing_key(),
-    )
+    bundle = await ctx.evidence.build(request.match_info["id"])
+    rid = bundle["request"]["id"]
     await ctx.store.append_audit(
-        actor_of(request).entry("request.evidence_exported", req.id, details={"request_id": req.id})
+        actor_of(request).entry("request.evidence_exported", rid, details={"request_id": rid})
     )
     return web.json_response(
         bundle,
-        headers={"Content-Disposition": f'attachment; filename="evidence-{req.id}.json"'},
+        headers={"Content-Disposition": f'attachment; filename="evidence-{rid}.json"'},
     )
 
 
@@ -462,32 +408,9 @@ async def explain(request: web.Request) -> web.Response:
         if target is None:
             raise ValidationError.one("target_id", f"no target {target_ref!r} is registered")
         target_id = target.id
-    grant = build_grant(req, group.policy)
-    decision = decide(grant, at, peer if peer is not None else normalise_address("0.0.0.0"), target_id)
-    if (
-        peer is None
-        and isinstance(decision, Deny)
-        and decision.reason in (DenyReason.ORIGIN_DENIED, DenyReason.COUNTRY_DENIED)
-    ):
-        # No address given: judge everything but the origin rules.
-        decision = decide(grant, at, _any_allowed(grant), target_id)
-    out: dict[str, Any]
-    if isinstance(decision, Deny):
-        out = {
-            "allowed": False,
-            "reason": decision.reason.value,
-            "message": explain_reason(decision.reason, grant),
-        }
-    else:
-        out = {"allowed": True, "reason": None, "message": "Access would be allowed."}
+    out = judge(build_grant(req, group.policy), at, peer, target_id)
     out.update({"request_id": req.id, "target_id": target_id, "address": address_raw, "at": iso(at)})
     return _json(out)
-
-
-def _any_allowed(grant: Grant) -> IPAddress:
-    for cidr in grant.origins.allow_cidrs:
-        return ip_network(cidr).network_address
-    return normalise_address("0.0.0.0")
 
 
 async def openapi(request: web.Request) -> web.Response:

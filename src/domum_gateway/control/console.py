@@ -49,6 +49,7 @@ from .console_web import (
     safe_next,
     static_response,
 )
+from .evidence import EvidenceBuilder
 from .service import Actor, AdminService
 
 __all__ = ["CONSOLE", "add_console_routes"]
@@ -275,13 +276,14 @@ def add_console_routes(
     store: Store,
     service: AdminService,
     clock: Clock,
+    evidence: EvidenceBuilder,
     sessions: ConsoleSessions | None = None,
 ) -> ConsoleContext:
     """Mount the admin console under ``/admin`` on ``app`` (the admin listener's application).
 
     Returns the console's context (its session table is ``.sessions``).
     """
-    ctx = ConsoleContext(store, service, clock, sessions or ConsoleSessions(clock))
+    ctx = ConsoleContext(store, service, clock, sessions or ConsoleSessions(clock), evidence)
     app[CONSOLE] = ctx
     for method, path, handler, role in ROUTES:
         wrapped = guard(handler, role)

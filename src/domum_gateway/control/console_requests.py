@@ -12,18 +12,15 @@ from __future__ import annotations
 import json
 import secrets
 from datetime import UTC, datetime, timedelta
-from ipaddress import ip_network
 from typing import Any
 
 from aiohttp import web
 
-from ..auth.decide import Deny, DenyReason, decide
-from ..auth.decide import explain as explain_reason
-from ..auth.grant import build_grant
+from ..auth.grant import build_grant, judge
 from ..auth.origin import IPAddress, normalise_address
 from ..auth.windows import describe_duration, parse_instant
 from ..errors import Conflict, DeliveryError, FieldError, NotFound, ValidationError
-from ..model import AccessRequest, Duration, DurationUnit, Grant, GroupKind, RequestStatus, Role
+from ..model import AccessRequest, Duration, DurationUnit, GroupKind, RequestStatus, Role
 from ..store.base import AuditFilter, RequestFilter
 from .console_forms import (
     GENERAL_FIELDS,
@@ -39,7 +36,6 @@ from .console_forms import (
 )
 from .console_web import CONSOLE, FORM, VIEWER, Handler, format_dt, redirect, render, safe_next
 from .service import Review, masked_destination
-from .views import event_json, group_json, request_json, user_json
 
 __all__ = ["REQUEST_ROUTES"]
 
@@ -442,23 +438,7 @@ async def explain(request: web.Request) -> web.Response:
             target_id = target.id
     result: dict[str, Any] | None = None
     if not errors:
-        grant = build_grant(req, group.policy)
-        decision = decide(grant, at, peer if peer is not None else normalise_address("0.0.0.0"), target_id)
-        if (
-            peer is None
-            and isinstance(decision, Deny)
-            and decision.reason in (DenyReason.ORIGIN_DENIED, DenyReason.COUNTRY_DENIED)
-        ):
-            # No address given: judge everything but the origin rules, like the API.
-            decision = decide(grant, at, _any_allowed(grant), target_id)
-        if isinstance(decision, Deny):
-            result = {
-                "allowed": False,
-                "reason": decision.reason.value,
-                "message": explain_reason(decision.reason, grant),
-            }
-        else:
-            result = {"allowed": True, "reason": None, "message": "Access would be allowed."}
+        result = judge(build_grant(req, group.policy), at, peer, target_id)
         result["at"] = format_dt(at)
     slots = (
         Slot("target_id", "Target", ("target_id",)),
@@ -478,43 +458,17 @@ async def explain(request: web.Request) -> web.Response:
     )
 
 
-def _any_allowed(grant: Grant) -> IPAddress:
-    for cidr in grant.origins.allow_cidrs:
-        return ip_network(cidr).network_address
-    return normalise_address("0.0.0.0")
-
-
 async def evidence(request: web.Request) -> web.Response:
-    """The request and every audit event about it, as one JSON download (not yet signed)."""
+    """The signed evidence bundle (the same document as the API's), as a download."""
     ctx = request.app[CONSOLE]
     req = await _get_request(request)
-    events: list[dict[str, Any]] = []
-    cursor: str | None = None
-    while True:
-        page = await ctx.store.list_audit(AuditFilter(request_id=req.id, limit=1000, cursor=cursor))
-        events.extend(event_json(e) for e in page.items)
-        cursor = page.next_cursor
-        if not cursor:
-            break
-    group = await ctx.store.get_group(req.group_id)
-    user = await ctx.store.get_user(req.user_id)
-    doc = {
-        "kind": "domum-gateway/evidence",
-        "version": 1,
-        "signed": False,
-        "generated_at": _iso(ctx.clock.now()),
-        "generated_by": f"console:{request[VIEWER].token.name}",
-        "request": request_json(req),
-        "group": group_json(group) if group else None,
-        "user": user_json(user) if user else None,
-        "audit_events": events,
-    }
+    bundle = await ctx.evidence.build(req.id)
     await ctx.store.append_audit(
         request[VIEWER]
         .actor(request)
         .entry("request.evidence_exported", req.id, details={"request_id": req.id})
     )
-    body = json.dumps(doc, ensure_ascii=False, indent=2, sort_keys=True)
+    body = json.dumps(bundle, ensure_ascii=False, indent=2)
     return web.Response(
         text=body,
         content_type="application/json",

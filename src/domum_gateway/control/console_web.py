@@ -29,6 +29,7 @@ from ..model import ApiToken, Role
 from ..store.base import Store
 from .console_forms import Form, read_form
 from .console_session import COOKIE, ConsoleSession, ConsoleSessions, same_secret
+from .evidence import EvidenceBuilder
 from .service import Actor, AdminService
 
 __all__ = [
@@ -95,8 +96,16 @@ FORM = web.RequestKey("console_form", Form)
 class ConsoleContext:
     """What console handlers need, handed over by the composition root."""
 
-    def __init__(self, store: Store, service: AdminService, clock: Clock, sessions: ConsoleSessions) -> None:
+    def __init__(
+        self,
+        store: Store,
+        service: AdminService,
+        clock: Clock,
+        sessions: ConsoleSessions,
+        evidence: EvidenceBuilder,
+    ) -> None:
         self.store = store
+        self.evidence = evidence
         self.service = service
         self.clock = clock
         self.sessions = sessions

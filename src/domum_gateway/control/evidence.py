@@ -26,11 +26,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ..audit import GENESIS, canonical_json, envelope, event_hash, format_instant
-from ..errors import ConfigError
+from ..clock import Clock
+from ..errors import ConfigError, Conflict, NotFound, StoreError
 from ..model import AuditEvent
+from ..store.base import AuditFilter, Store
+from .views import request_json, session_json
 
 __all__ = [
     "FORMAT",
+    "EvidenceBuilder",
     "EvidenceProblem",
     "build_bundle",
     "load_signing_key",
@@ -206,3 +210,84 @@ def verify_bundle(bundle: Any, trusted_key: Ed25519PublicKey | None) -> Evidence
     if not isinstance(timeline, list) or any(not isinstance(s, int) or s not in seqs for s in timeline):
         return EvidenceProblem("timeline", "names events outside the chain segment")
     return None
+
+
+class EvidenceBuilder:
+    """Assembles and signs bundles from the store (used by the API and the admin console)."""
+
+    def __init__(self, store: Store, clock: Clock, gateway: str, key_path: Path | None) -> None:
+        self._store = store
+        self._clock = clock
+        self._gateway = gateway
+        self._key_path = key_path
+        self._key: Ed25519PrivateKey | None = None
+
+    def _signing_key(self) -> Ed25519PrivateKey:
+        if self._key is None:
+            if self._key_path is None:
+                raise StoreError("No evidence signing key is configured.")
+            try:
+                self._key = load_signing_key(self._key_path)
+            except ConfigError as exc:
+                raise StoreError("The evidence signing key is unavailable; see the gateway log.") from exc
+        return self._key
+
+    async def build(self, request_id: str) -> dict[str, Any]:
+        """The signed bundle of one access request (NotFound when there is none)."""
+        store = self._store
+        req = await store.get_request(request_id)
+        if req is None:
+            raise NotFound(f"No access request {request_id!r}.")
+        user = await store.get_user(req.user_id)
+        group = await store.get_group(req.group_id)
+        reason = await store.get_reason(req.reason_id)
+        timeline: list[AuditEvent] = []
+        cursor: str | None = None
+        while True:
+            page = await store.list_audit(AuditFilter(request_id=req.id, limit=1000, cursor=cursor))
+            timeline += page.items
+            cursor = page.next_cursor
+            if not cursor or len(timeline) > MAX_SEGMENT:
+                break
+        segment: list[AuditEvent] = []
+        if timeline:
+            first, last = timeline[0].seq, timeline[-1].seq
+            if last - first > MAX_SEGMENT:
+                raise Conflict(
+                    "The request's history is too long for one bundle; export the audit log instead."
+                )
+            cursor = _seq_cursor(first - 1)
+            while cursor:
+                page = await store.list_audit(AuditFilter(limit=1000, cursor=cursor))
+                segment += [e for e in page.items if e.seq <= last]
+                cursor = page.next_cursor if page.items and page.items[-1].seq < last else None
+        sessions = await store.list_sessions(req.id, live=False)
+        purged = bool(user and user.purged_at)
+        people = {
+            "user": {
+                "id": req.user_id,
+                "name": user.name if user and not purged else None,
+                "email": user.email if user and not purged else None,
+                "channel": user.channel.value if user else None,
+                "purged": purged,
+            },
+            "group": {"id": req.group_id, "name": group.name if group else None},
+            "reason": {"id": req.reason_id, "label": reason.label if reason else None},
+        }
+        return build_bundle(
+            request=request_json(req),
+            people=people,
+            sessions=[session_json(s) for s in sessions],
+            timeline_seqs=[e.seq for e in timeline],
+            segment=segment,
+            generated_at=self._clock.now(),
+            gateway=self._gateway,
+            key=self._signing_key(),
+        )
+
+
+def _seq_cursor(after: int) -> str:
+    """The audit-list cursor meaning "events after seq ``after``" (see the stores)."""
+    import json
+
+    return base64.urlsafe_b64encode(json.dumps([str(after)]).encode()).decode().rstrip("=")
