@@ -136,7 +136,10 @@ class Gateway:
         evidence = EvidenceBuilder(
             self.store, self.clock, self.settings.public.base_url, self.settings.ssh.host_key
         )
-        add_api_routes(app, ApiContext(self.store, self.service, self.clock, evidence, self.retention))
+        api = ApiContext(self.store, self.service, self.clock, evidence, self.retention)
+        api.connections = self.sessions.registry
+        api.cut_connection = self.sessions.terminate_connection
+        add_api_routes(app, api)
         add_ops_routes(app, self.store, self.metrics)
         add_console_routes(app, store=self.store, service=self.service, clock=self.clock, evidence=evidence)
         return app

@@ -63,6 +63,10 @@ class ApiContext:
         self.retention = retention
         # (method, path) -> least role; AUDITOR < ADMIN
         self.roles: dict[tuple[str, str], Role] = {}
+        # The live-connection registry of this process (tunnels, terminals, SSH channels,
+        # proxied websockets); handed over by the composition root.
+        self.connections: Callable[[], list[dict[str, Any]]] = list
+        self.cut_connection: Callable[[str, str], bool] = lambda _id, _reason: False
 
 
 CTX = web.AppKey("api_ctx", ApiContext)
@@ -346,15 +350,35 @@ async def request_evidence(request: web.Request) -> web.Response:
 
 # sessions --------------------------------------------------------------------
 async def list_sessions(request: web.Request) -> web.Response:
+    """Live sessions, each with the live connections (tunnels, terminals, channels) it holds."""
+    ctx = _ctx(request)
     rid = _query_str(request, "request_id", 64)
-    sessions = await _ctx(request).store.list_sessions(rid)
-    return _json({"items": [session_json(s) for s in sessions]})
+    sessions = await ctx.store.list_sessions(rid)
+    by_session: dict[str, list[dict[str, Any]]] = {}
+    for conn in ctx.connections():
+        by_session.setdefault(str(conn["session_id"]), []).append(conn)
+    items = []
+    for s in sessions:
+        item = session_json(s)
+        item["protocol"] = "web"
+        conns = by_session.get(s.id, [])
+        item["connections"] = conns
+        item["bytes_in"] = sum(int(c["bytes_in"]) for c in conns)
+        item["bytes_out"] = sum(int(c["bytes_out"]) for c in conns)
+        items.append(item)
+    return _json({"items": items})
 
 
 async def delete_session(request: web.Request) -> web.Response:
+    """End a session (and all its connections), or cut one connection by its ``con_`` id."""
     ctx = _ctx(request)
     sid = request.match_info["id"]
     actor = actor_of(request)
+    if sid.startswith("con_"):
+        if not ctx.cut_connection(sid, "terminated by an administrator"):
+            raise NotFound("No live connection with this id on this gateway.")
+        await ctx.store.append_audit(actor.entry("connection.terminated", sid))
+        return web.Response(status=204)
     ended = await ctx.store.end_session(
         sid, "terminated", ctx.clock.now(), actor.entry("session.terminated", sid)
     )

@@ -206,9 +206,31 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string"},
             "request_id": {"type": "string"},
+            "protocol": {"type": "string"},
             "origin": {"type": "string"},
             "since": {"type": "string", "format": "date-time"},
             "last_seen": {"type": "string", "format": "date-time"},
+            "bytes_in": {"type": "integer"},
+            "bytes_out": {"type": "integer"},
+            "connections": {
+                "type": "array",
+                "description": "live tunnels, terminals, SSH channels and proxied websockets on this replica",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "id": {
+                            "type": "string",
+                            "description": "con_...; DELETE /sessions/{id} cuts it alone",
+                        },
+                        "protocol": {"type": "string"},
+                        "target": {"type": ["string", "null"]},
+                        "origin": {"type": "string"},
+                        "since": {"type": "string", "format": "date-time"},
+                        "bytes_in": {"type": "integer"},
+                        "bytes_out": {"type": "integer"},
+                    },
+                },
+            },
         },
     },
     "AuditEvent": {
@@ -449,7 +471,13 @@ def build_openapi() -> dict[str, Any]:
         ),
     }
     paths["/api/v1/sessions/{id}"] = {
-        "delete": _op("End a live session", "auditor", _ok("204", "ended", None), params=_ID, errors=(404,)),
+        "delete": _op(
+            "End a live session (ses_...) or cut one live connection (con_...)",
+            "auditor",
+            _ok("204", "ended", None),
+            params=_ID,
+            errors=(404,),
+        ),
     }
     paths["/api/v1/audit"] = {
         "get": _op(

@@ -34,7 +34,7 @@ from ..model import AccessRequest, Grant, RequestStatus, Session
 from ..store.base import SessionCreate, Store
 from .geoip import CountryLookup
 
-__all__ = ["Closer", "LiveSession", "SessionManager", "TooManySessions"]
+__all__ = ["Closer", "Connection", "LiveSession", "SessionManager", "TooManySessions"]
 
 log = logging.getLogger("domum.sessions")
 
@@ -87,6 +87,28 @@ class LiveSession:
         return SessionFacts(address=self.address, last_seen=self.last_seen, ended=self.ended)
 
 
+@dataclass(eq=False, slots=True)
+class Connection:
+    """One long-lived connection of a session, as the live registry shows it."""
+
+    id: str
+    session: LiveSession
+    protocol: str  # "tcp", "rdp", "ssh", "ssh-terminal", "websocket"
+    target: str | None
+    origin: str
+    since: datetime
+    closer: Closer
+    bytes_in: int = 0  # from the user towards the target
+    bytes_out: int = 0  # from the target towards the user
+    cut_reason: str | None = None
+
+    def cut(self, reason: str) -> None:
+        """Close the connection with ``reason`` (once)."""
+        if self.cut_reason is None:
+            self.cut_reason = reason
+            self.closer(reason)
+
+
 @dataclass(slots=True)
 class _GrantEntry:
     grant: Grant
@@ -118,6 +140,7 @@ class SessionManager:
         # lookup in that gap must not load the still-"live" row and revive the session.
         self._ending: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._connections: dict[str, Connection] = {}
         self._flusher: asyncio.Task[None] | None = None
         # Set by the composition root when ``geoip.database`` is configured.
         self.countries: CountryLookup | None = None
@@ -355,6 +378,70 @@ class SessionManager:
         live.closers.add(closer)
         return lambda: live.closers.discard(closer)
 
+    def open_connection(
+        self,
+        live: LiveSession,
+        protocol: str,
+        target: str | None,
+        origin: str,
+        closer: Closer,
+    ) -> Connection:
+        """Register a long-lived connection (tunnel, terminal, SSH channel, proxied websocket).
+
+        It shows in the live registry (``GET /api/v1/sessions``), can be cut on its own
+        (``terminate``), and is cut with its session. Call :meth:`close_connection` when it
+        ends by itself.
+        """
+        conn = Connection(
+            id=new_id("con"),
+            session=live,
+            protocol=protocol,
+            target=target,
+            origin=origin,
+            since=self._clock.now(),
+            closer=closer,
+        )
+        self._connections[conn.id] = conn
+        live.closers.add(conn.cut)
+        self._metrics.sessions_active.labels(protocol).inc()
+        return conn
+
+    def close_connection(self, conn: Connection) -> None:
+        """Forget a connection that ended (idempotent)."""
+        if self._connections.pop(conn.id, None) is not None:
+            conn.session.closers.discard(conn.cut)
+            self._metrics.sessions_active.labels(conn.protocol).dec()
+
+    def terminate_connection(self, connection_id: str, reason: str) -> bool:
+        """Cut one connection (the session stays); False when it is not live here."""
+        conn = self._connections.get(connection_id)
+        if conn is None:
+            return False
+        self.close_connection(conn)
+        conn.cut(reason)
+        return True
+
+    def connections(self, session_id: str | None = None) -> list[Connection]:
+        return [c for c in self._connections.values() if session_id is None or c.session.id == session_id]
+
+    def registry(self) -> list[dict[str, object]]:
+        """The live connections of this process, for the control API (no secrets)."""
+        return [
+            {
+                "id": c.id,
+                "session_id": c.session.id,
+                "request_id": c.session.request_id,
+                "user_id": c.session.user_id,
+                "protocol": c.protocol,
+                "target": c.target,
+                "origin": c.origin,
+                "since": c.since.isoformat().replace("+00:00", "Z"),
+                "bytes_in": c.bytes_in,
+                "bytes_out": c.bytes_out,
+            }
+            for c in self._connections.values()
+        ]
+
     async def end(self, live: LiveSession, reason: str, actor: str, origin: str = "") -> None:
         """End a session now (logout, terminate) and cut its connections."""
         self._ending.add(live.hash)
@@ -395,6 +482,8 @@ class SessionManager:
             except Exception:
                 log.exception("sessions.closer_failed session=%s", live.id)
         live.closers.clear()
+        for conn in [c for c in self._connections.values() if c.session is live]:
+            self.close_connection(conn)
 
     def _end_later(self, live: LiveSession, reason: DenyReason) -> None:
         """Cut now (synchronously), record the end in the store in the background."""
