@@ -9,8 +9,8 @@ HOSTNAME ?= localhost
 STAMP   := $(VENV)/.installed
 TSTAMP  := $(VENV)/.installed-test
 # Debian packages the real-peer tests start (sshd, PostgreSQL, Chromium, xrdp/FreeRDP, nginx...).
-SYS_PKGS := openssh-server openssh-client postgresql chromium xrdp freerdp2-x11 xvfb nginx wrk socat
-SYS_BINS := /usr/sbin/sshd /usr/bin/ssh /usr/lib/postgresql/15/bin/initdb /usr/bin/chromium /usr/sbin/xrdp /usr/bin/xfreerdp /usr/bin/Xvfb /usr/sbin/nginx /usr/bin/wrk /usr/bin/socat
+SYS_PKGS := openssh-server openssh-client postgresql chromium xrdp freerdp2-x11 xvfb nginx wrk socat haproxy
+SYS_BINS := /usr/sbin/sshd /usr/bin/ssh /usr/lib/postgresql/15/bin/initdb /usr/bin/chromium /usr/sbin/xrdp /usr/bin/xfreerdp /usr/bin/Xvfb /usr/sbin/nginx /usr/bin/wrk /usr/bin/socat /usr/sbin/haproxy
 
 .PHONY: run test install install-test sysdeps assets lint typecheck unit clean
 
