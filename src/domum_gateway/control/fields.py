@@ -52,6 +52,13 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise BadRequest(f"The body is not valid JSON: {exc.args[0] if exc.args else exc}") from exc
     if not isinstance(value, dict):
         raise BadRequest("The body must be a JSON object.")
+    try:
+        # "\ud800" is valid JSON but no UTF-8 string: the store or the mailer would fail on it.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequest("The body contains a lone UTF-16 surrogate escape.") from exc
+    except RecursionError as exc:
+        raise BadRequest("The JSON body is nested too deeply.") from exc
     return value
 
 

@@ -36,10 +36,11 @@ from urllib.parse import urlsplit
 
 import jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..auth.decide import Deny, explain
 from ..auth.secrets import hash_secret, mask_email, mask_phone
-from ..errors import DeliveryError, DomumError, StoreError, TooManyRequests
+from ..errors import BadRequest, DeliveryError, DomumError, StoreError, TooManyRequests
 from ..model import Channel, Protocol, RemoteUser, Target
 from .context import COOKIE, PublicContext, client_of, session_of
 from .headers import gateway_headers
@@ -593,7 +594,10 @@ async def _form(request: web.Request) -> dict[str, str]:
     """The urlencoded form, string fields only, each bounded in length."""
     if request.content_type not in ("application/x-www-form-urlencoded", "multipart/form-data"):
         return {}
-    data = await request.post()
+    try:
+        data = await request.post()
+    except (ValueError, HttpProcessingError) as exc:  # bytes not UTF-8, broken multipart
+        raise BadRequest("The form could not be decoded.") from exc
     out: dict[str, str] = {}
     for key in (_CSRF_FIELD, "token"):
         value = data.get(key)
