@@ -47,6 +47,7 @@ from .proxy.login import LoginService
 from .proxy.pages import add_login_routes, error_page_middleware
 from .proxy.sessions import SessionManager
 from .proxy.terminal import add_terminal_routes
+from .proxy.tunnel import add_tunnel_routes
 from .settings import Settings
 from .store.base import Store
 from .store.postgres import PostgresStore
@@ -167,6 +168,7 @@ class Gateway:
             app.on_cleanup.append(close_countries)
         add_login_routes(app, self.public_ctx)
         add_terminal_routes(app)
+        add_tunnel_routes(app, self.public_ctx)
         # Not an aiohttp app, but it serves the same people with the same context.
         self.jump = JumpServer(self.public_ctx)
         return app

@@ -285,6 +285,12 @@ def _parser() -> argparse.ArgumentParser:
     tr = with_config(tsub.add_parser("revoke", help="revoke a token"))
     tr.add_argument("name")
 
+    from .tunnel_client import add_connect_arguments
+
+    add_connect_arguments(
+        sub.add_parser("connect", help="reach an RDP/TCP target through the gateway on a local port")
+    )
+
     audit = sub.add_parser("audit", help="audit log tools")
     asub = audit.add_subparsers(dest="audit_cmd", required=True)
     with_config(asub.add_parser("verify", help="check the hash chain"))
@@ -312,6 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_token(args))
         if args.cmd == "audit":
             return asyncio.run(_audit(args))
+        if args.cmd == "connect":
+            from .tunnel_client import connect_main
+
+            return connect_main(args)
         if args.cmd == "purge":
             return asyncio.run(_purge(args))
         if args.cmd == "evidence":
