@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from .pki import ensure_ssh_host_key, server_ssl_context
 from .proxy.context import CTX, PublicContext
 from .proxy.geoip import open_country_lookup
 from .proxy.headers import install_security_headers
+from .proxy.http_proxy import add_http_proxy_routes, public_site
 from .proxy.jump import JumpServer
 from .proxy.login import LoginService
 from .proxy.pages import add_login_routes, error_page_middleware
@@ -169,6 +171,9 @@ class Gateway:
         add_login_routes(app, self.public_ctx)
         add_terminal_routes(app)
         add_tunnel_routes(app, self.public_ctx)
+        # /t/ requests normally never reach aiohttp: public_site() starts each connection in
+        # the proxy's own protocol, which hands everything else to this app.
+        add_http_proxy_routes(app, self.public_ctx, grace=self.grace)
         # Not an aiohttp app, but it serves the same people with the same context.
         self.jump = JumpServer(self.public_ctx)
         return app
@@ -195,7 +200,12 @@ class Gateway:
             "admin", self.admin_app, self.settings.admin.listen.host, self.settings.admin.listen.port, ctx
         )
         await self._listen(
-            "public", self.public_app, self.settings.public.listen.host, self.settings.public.listen.port, ctx
+            "public",
+            self.public_app,
+            self.settings.public.listen.host,
+            self.settings.public.listen.port,
+            ctx,
+            site=public_site,
         )
         ssh = self.settings.ssh
         if ensure_ssh_host_key(ssh.host_key):
@@ -214,7 +224,13 @@ class Gateway:
         )
 
     async def _listen(
-        self, name: str, app: web.Application, host: str, port: int, ctx: ssl.SSLContext | None
+        self,
+        name: str,
+        app: web.Application,
+        host: str,
+        port: int,
+        ctx: ssl.SSLContext | None,
+        site: Callable[..., web.BaseSite] = web.TCPSite,
     ) -> None:
         runner = web.AppRunner(
             app,
@@ -223,8 +239,8 @@ class Gateway:
             handle_signals=False,
         )
         await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=ctx, backlog=1024)
-        await site.start()
+        listener = site(runner, host, port, ssl_context=ctx, backlog=1024)
+        await listener.start()
         addrs = [(str(a[0]), int(a[1])) for a in runner.addresses]
         self._listeners[name] = _Listener(runner, addrs)
 
