@@ -488,3 +488,28 @@ async def test_gateway_shutdown_says_going_away_and_the_client_stops(running: Ru
             assert code == 3 and "shutting down" in message
             assert not service.open
             writer.close()
+
+
+async def test_open_tunnel_shows_in_the_live_registry_and_can_be_cut_alone(running: Running) -> None:
+    """An auditor sees the tunnel under its session, with its bytes, and can cut just it."""
+    async with EchoServer() as echo:
+        sd = await tcp_seed(running, echo.port)
+        _rid, link = await create_forwarded(running, sd)
+        granted = await cli_login(running, sd, link)
+        async with ws_open(running, "echo", {"Authorization": f"Bearer {granted['ticket']}"}) as ws:
+            await echo_roundtrip(ws)
+            async with running.admin(running.auditor_token) as s:
+                st, page = await call(s, "GET", "/api/v1/sessions")
+                assert st == 200
+                (item,) = page["items"]
+                (conn,) = item["connections"]
+                assert conn["protocol"] == "tcp" and conn["target"] == "echo"
+                assert conn["id"].startswith("con_")
+                st, _ = await call(s, "DELETE", f"/api/v1/sessions/{conn['id']}")
+                assert st == 204
+            code, reason = await closed_with(ws, timeout=5)
+        assert code == 1008 and "terminated" in reason
+        assert running.gateway.sessions.connections() == []
+        # The session itself lives on: a new tunnel opens.
+        async with ws_open(running, "echo", {"Authorization": f"Bearer {granted['ticket']}"}) as ws:
+            await echo_roundtrip(ws)

@@ -101,6 +101,7 @@ class Connection:
     bytes_in: int = 0  # from the user towards the target
     bytes_out: int = 0  # from the target towards the user
     cut_reason: str | None = None
+    counted: bool = True  # whether it counts in domum_sessions_active here (else its owner does)
 
     def cut(self, reason: str) -> None:
         """Close the connection with ``reason`` (once)."""
@@ -385,6 +386,8 @@ class SessionManager:
         target: str | None,
         origin: str,
         closer: Closer,
+        *,
+        count: bool = True,
     ) -> Connection:
         """Register a long-lived connection (tunnel, terminal, SSH channel, proxied websocket).
 
@@ -400,17 +403,20 @@ class SessionManager:
             origin=origin,
             since=self._clock.now(),
             closer=closer,
+            counted=count,
         )
         self._connections[conn.id] = conn
         live.closers.add(conn.cut)
-        self._metrics.sessions_active.labels(protocol).inc()
+        if count:
+            self._metrics.sessions_active.labels(protocol).inc()
         return conn
 
     def close_connection(self, conn: Connection) -> None:
         """Forget a connection that ended (idempotent)."""
         if self._connections.pop(conn.id, None) is not None:
             conn.session.closers.discard(conn.cut)
-            self._metrics.sessions_active.labels(conn.protocol).dec()
+            if conn.counted:
+                self._metrics.sessions_active.labels(conn.protocol).dec()
 
     def terminate_connection(self, connection_id: str, reason: str) -> bool:
         """Cut one connection (the session stays); False when it is not live here."""

@@ -56,7 +56,7 @@ from ..bus import Change, ChangeKind
 from ..errors import DomumError
 from ..model import Protocol, Target
 from .context import CTX, PublicContext, client_of, session_of
-from .sessions import LiveSession
+from .sessions import Connection, LiveSession
 from .tunnel_tickets import TicketStore
 from .tunnel_wire import (
     CLOSE_GOING_AWAY,
@@ -200,6 +200,7 @@ class _ServerEnd(WsEnd):
         "_seen_bytes",
         "_seen_frames",
         "auth",
+        "conn",
         "detach",
         "flushed_rx",
         "flushed_tx",
@@ -228,6 +229,7 @@ class _ServerEnd(WsEnd):
         self.id = new_id("tun")
         self.opened = time.monotonic()
         self.detach: Callable[[], None] | None = None
+        self.conn: Connection | None = None
         self.auth = ""  # "ticket" or "cookie"
         self.opened_audit: asyncio.Task[None] | None = None
         self._seen_bytes = 0
@@ -377,6 +379,8 @@ class TunnelService:
 
     # metrics and audit ----------------------------------------------------------------
     def flush_bytes(self, end: _ServerEnd) -> None:
+        if end.conn is not None:
+            end.conn.bytes_in, end.conn.bytes_out = end.rx, end.tx
         proto = end.target.protocol
         if end.rx > end.flushed_rx:
             self._up[proto].inc(end.rx - end.flushed_rx)
@@ -578,7 +582,12 @@ class TunnelService:
         end = _ServerEnd(self, live, target, peer, tcp)
         _take_over(request, transport, end)
         self.open.add(end)
-        end.detach = self.ctx.sessions.attach(live, end.cut)
+        # In the live registry (GET /api/v1/sessions) and cut with its session; the tunnel
+        # keeps its own domum_sessions_active gauge.
+        end.conn = self.ctx.sessions.open_connection(
+            live, target.protocol.value, target.name, str(peer), end.cut, count=False
+        )
+        end.detach = lambda: self.ctx.sessions.close_connection(end.conn) if end.conn else None
         self._active[target.protocol].inc()
         end.auth = how
         end.opened_audit = self._audit(
