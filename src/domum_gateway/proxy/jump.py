@@ -41,7 +41,7 @@ from ..errors import ConfigError, DomumError, TooManyRequests
 from ..model import Channel
 from .context import PublicContext
 from .login import GENERIC_REFUSAL, LinkInfo, LoginRefused
-from .sessions import LiveSession
+from .sessions import Connection, LiveSession
 from .ssh_common import SERVER_ENCRYPTION, SERVER_KEX, SERVER_MAC, SessionWatch, SshTargets, audit
 
 __all__ = ["JumpServer"]
@@ -237,6 +237,7 @@ class _JumpConnection(asyncssh.SSHServer):
         self._live: LiveSession | None = None
         self._watch: SessionWatch | None = None
         self._meter = _Meter()
+        self._registered: Connection | None = None
         self._channels = 0
 
     # connection ----------------------------------------------------------------
@@ -286,9 +287,9 @@ class _JumpConnection(asyncssh.SSHServer):
         self.disconnect(reason)
 
     def _detach_closer(self) -> None:
-        live = self._live
-        if live is not None:
-            live.closers.discard(self._closer)
+        if self._registered is not None:
+            self._ctx.sessions.close_connection(self._registered)
+            self._registered = None
 
     # authentication --------------------------------------------------------------
     def begin_auth(self, username: str) -> bool:
@@ -381,7 +382,10 @@ class _JumpConnection(asyncssh.SSHServer):
 
     def _signed_in(self, live: LiveSession) -> None:
         self._live = live
-        self._ctx.sessions.attach(live, self._closer)
+        # In the live registry (GET /api/v1/sessions) with its byte counts; cut with its session.
+        self._registered = self._ctx.sessions.open_connection(
+            live, "ssh-jump", None, self._origin, self._closer, count=False
+        )
         self._watch = SessionWatch(
             self._ctx.sessions, live, self._peer, None, self.disconnect, on_tick=self._flush_meter
         )
@@ -534,6 +538,8 @@ class _JumpConnection(asyncssh.SSHServer):
 
     def _flush_meter(self) -> None:
         m = self._meter
+        if self._registered is not None:
+            self._registered.bytes_in, self._registered.bytes_out = m.up, m.down
         if m.active and self._watch is not None:
             self._watch.mark()
         m.active = False

@@ -41,7 +41,7 @@ from ..auth.origin import IPAddress
 from ..errors import Forbidden, Unauthorized
 from ..model import Target
 from .context import CTX, PublicContext, client_of, session_of
-from .sessions import LiveSession
+from .sessions import Connection, LiveSession
 from .ssh_common import (
     CLIENT_ENCRYPTION,
     CLIENT_KEX,
@@ -429,11 +429,15 @@ class _Terminal:
         self._opened = False
         self._outcome = "closed"
         self._announced = False  # the reason for ending was already written to the terminal
+        self._registered: Connection | None = None
 
     # lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:
         sessions = self.ctx.sessions
-        sessions.attach(self.live, self._closer)
+        # In the live registry (GET /api/v1/sessions), cut with its session or on its own.
+        self._registered = sessions.open_connection(
+            self.live, "ssh-terminal", self.target.name, str(self.peer), self._closer, count=False
+        )
         self._watch.start()
         reader = asyncio.ensure_future(self._read_socket())
         self._main = asyncio.ensure_future(self._serve())
@@ -448,7 +452,8 @@ class _Terminal:
             await self._cleanup()
 
     async def _cleanup(self) -> None:
-        self.live.closers.discard(self._closer)
+        if self._registered is not None:
+            self.ctx.sessions.close_connection(self._registered)
         self._watch.cancel()
         if self._warning is not None:
             self._warning.cancel()
@@ -732,6 +737,8 @@ class _Terminal:
             await self.write(data)
 
     def _flush_bytes(self) -> None:
+        if self._registered is not None:
+            self._registered.bytes_in, self._registered.bytes_out = self._up, self._down
         metrics = self.ctx.metrics.tunnel_bytes
         if self._up != self._flushed_up:
             metrics.labels("ssh", "up").inc(self._up - self._flushed_up)
