@@ -120,6 +120,10 @@ def _serve(args: argparse.Namespace) -> int:
         await gateway.start()
         _say(f"public:  {gateway.url('public')}  (links: {settings.public.base_url}/a/...)")
         _say(f"admin:   {gateway.url('admin')}/api/v1  metrics: {gateway.url('admin')}/metrics")
+        _say(f"console: {gateway.url('admin')}/admin  (sign in with an admin or auditor API token)")
+        _say(
+            f"ssh:     port {gateway.ssh_port()}  (ssh -J you@example.com@HOST:{gateway.ssh_port()} me@host)"
+        )
         try:
             await stop.wait()
             log.info("serve.stopping grace=%s", args.grace)
