@@ -234,15 +234,6 @@ async def test_slowloris_headers_do_not_starve_others(running: Running) -> None:
             writer.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug in the public front (proxy/http_front.py, http_proxy.py): a client trickling a "
-    "request line or header lines to a non-/t/ route is never closed (still open after 45 s "
-    "with the default 30 s _HEAD_TIMEOUT, and after 6 s with it patched to 1 s), while a "
-    "trickled /t/ head is closed at 30 s: the head timeout seems to stop applying once the "
-    "connection is handed to aiohttp, which has no header timeout of its own",
-)
 @pytest.mark.parametrize(
     ("first", "drip"),
     [

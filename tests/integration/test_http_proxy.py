@@ -273,3 +273,44 @@ async def test_page_request_then_proxy_on_same_connection(env: Env) -> None:
 async def test_raw_status_helpers(env: Env) -> None:
     out = await raw_exchange(env.user, b"GET /t/wiki/ HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
     assert status_of(out) == 401
+
+
+@pytest.mark.parametrize(
+    ("first", "drip"),
+    [
+        (b"GET /por", b"t"),
+        (b"GET /portal HTTP/1.1\r\nHost: gw\r\n", b"X-Slow: 1\r\n"),
+        (b"GET /t/wiki/x HTTP/1.1\r\nHost: gw\r\n", b"X-Slow: 1\r\n"),
+    ],
+    ids=["page-request-line", "page-headers", "proxied-headers"],
+)
+async def test_trickled_head_gets_408_and_is_closed(
+    env: Env, monkeypatch: pytest.MonkeyPatch, first: bytes, drip: bytes
+) -> None:
+    """A head that never ends is cut by the head timeout, for pages as for proxied requests."""
+    import asyncio
+    import time
+
+    from domum_gateway.proxy import http_proxy
+
+    monkeypatch.setattr(http_proxy, "_HEAD_TIMEOUT", 1.0)
+    host, port = env.user.host_port
+    reader, writer = await asyncio.open_connection(host, port, ssl=env.run.ssl, server_hostname=host)
+    started = time.monotonic()
+    got = b""
+    try:
+        writer.write(first)
+        while time.monotonic() - started < 5:
+            writer.write(drip)
+            await writer.drain()
+            try:
+                got = await asyncio.wait_for(reader.read(4096), 0.3)
+            except TimeoutError:
+                continue
+            break
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+    assert got.startswith(b"HTTP/1.1 408"), got[:100]
+    assert time.monotonic() - started < 4

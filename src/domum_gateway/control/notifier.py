@@ -16,6 +16,7 @@ channel, the masked recipient and the outcome. Provider failures become
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import functools
 import logging
@@ -159,23 +160,30 @@ class SmtpNotifier:
         except ValueError as exc:  # CR/LF or other junk in an address or the subject
             log.warning("e-mail to %s not sent: %s", who, _describe(exc))
             raise DeliveryError("the e-mail address or subject cannot be used") from exc
+        # An explicit client rather than aiosmtplib.send(): when the server never greets,
+        # send()'s context manager is never entered and the socket is left for the GC.
+        client = aiosmtplib.SMTP(
+            hostname=self._host,
+            port=self._port,
+            use_tls=self._implicit_tls,
+            start_tls=self._starttls,
+            tls_context=self._tls_context,
+            timeout=self._timeout,
+        )
         try:
-            await aiosmtplib.send(
-                mail,
-                sender=self._sender,
-                recipients=[message.to],
-                hostname=self._host,
-                port=self._port,
-                username=self._username or None,
-                password=self._password if self._username else None,
-                use_tls=self._implicit_tls,
-                start_tls=self._starttls,
-                tls_context=self._tls_context,
-                timeout=self._timeout,
-            )
+            await client.connect()
+            if self._username:
+                await client.login(self._username, self._password)
+            await client.send_message(mail, sender=self._sender, recipients=[message.to])
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             log.warning("e-mail to %s failed: %s", who, _describe(exc))
             raise DeliveryError("the e-mail server did not accept the message") from exc
+        finally:
+            if client.is_connected:
+                # The message is accepted at this point; a failing QUIT changes nothing.
+                with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                    await client.quit()
+            client.close()
         log.info("e-mail sent to %s", who)
 
     async def close(self) -> None:

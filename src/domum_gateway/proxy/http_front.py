@@ -47,6 +47,7 @@ _PEEK, _HTTP, _TUNNEL, _CLOSED, _HOLD = range(5)
 # a request body arrives before the target connection is ready.
 _P_PIPELINE, _P_UPSTREAM, _P_BODY = 1, 2, 4
 _MAX_PEEK = 65536
+_REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 _MAX_PENDING_BODY = 256 * 1024
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -476,28 +477,29 @@ class FrontProtocol(asyncio.Protocol):
         buf = self._peek + data if self._peek else data
         while buf.startswith(b"\r\n"):
             buf = buf[2:]
-        engine = self.engine
-        if engine.domain:
+        nl = buf.find(b"\n")
+        if nl >= 0 and not self.engine.domain:
+            sp = buf.find(b" ", 0, nl)
+            proxied = sp > 0 and buf.startswith(b"/t/", sp + 1)
+        else:
+            proxied = False
+        if not proxied:
+            # Hand a request to aiohttp only with its whole head: aiohttp has no timeout for
+            # a head that trickles in, this protocol has (the sweep's head timeout).
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > _MAX_PEEK:
-                    self._handoff(buf)
-                else:
-                    self._peek = buf
+                    self._handoff(buf)  # aiohttp answers 431
+                    return
+                self._peek = buf
+                if buf and not self.head_started and not self.queue:
+                    self.head_started = self._loop_time()
                 return
-            proxied = engine.is_proxied_head(buf, end)
-        else:
-            nl = buf.find(b"\n")
-            if nl < 0:
-                if len(buf) > 8192:
-                    self._handoff(buf)
-                else:
-                    self._peek = buf
-                return
-            sp = buf.find(b" ", 0, nl)
-            proxied = sp > 0 and buf.startswith(b"/t/", sp + 1)
+            if self.engine.domain:
+                proxied = self.engine.is_proxied_head(buf, end)
         self._peek = b""
         if not proxied:
+            self.head_started = 0.0
             self._handoff(buf)
             return
         self.mode = _HTTP
@@ -555,7 +557,7 @@ class FrontProtocol(asyncio.Protocol):
         self.parsing = ex
         self.boundary = False
         self._in_message = True
-        self.head_started = now
+        self.head_started = self.head_started or now  # from the first byte seen, if peeked
         if self.queue:
             self.pause(_P_PIPELINE)
         self.queue.append(ex)
@@ -811,12 +813,17 @@ class FrontProtocol(asyncio.Protocol):
 
     def sweep(self, now: float, head_timeout: float, idle_timeout: float, write_timeout: float) -> None:
         """Close the connection if a client has stalled past a deadline."""
-        if self.tunnel is not None:
+        if self.tunnel is not None or self.transport is None:
             return
         if self.write_paused and now - self.write_paused_at > write_timeout:
             self.abort()
         elif self.head_started and now - self.head_started > head_timeout:
-            self.abort()
+            if not self.queue or (len(self.queue) == 1 and self.queue[0].in_head):
+                self.queue.clear()
+                self.write(_REQUEST_TIMEOUT)
+                self.close()
+            else:
+                self.abort()
         elif not self.queue and not self._in_message and now - self.last_active > idle_timeout:
             self.close()
 
