@@ -26,7 +26,6 @@ exceptions become :class:`StoreError` (unreachable, timed out) or :class:`Confli
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -35,7 +34,7 @@ import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -48,17 +47,14 @@ from ..model import (
     AccessRequest,
     ApiToken,
     AuditEvent,
-    Channel,
     Group,
-    GroupKind,
     Reason,
     RemoteUser,
-    RequestStatus,
     Role,
     Session,
     Target,
 )
-from ..model import Protocol as TargetProtocol
+from . import rows as rowmap
 from .base import (
     AuditFilter,
     OtpIssue,
@@ -71,7 +67,6 @@ from .base import (
 )
 from .migrations_pg import MIGRATIONS_PG
 from .pg_notify import CHANNEL, ChangeFeed
-from .sqlite import policy_from_json
 
 __all__ = ["PostgresStore"]
 
@@ -106,38 +101,10 @@ class _Params:
         return f"${len(self.values)}"
 
 
-def _ts(when: datetime | None) -> str | None:
-    return None if when is None else format_instant(when)
-
-
-def _dt(text: str | None) -> datetime | None:
-    return None if text is None else _dt_req(text)
-
-
-def _dt_req(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-
-
 def _count(status: str) -> int:
     """Rows affected, from a command tag like ``UPDATE 3``."""
     tail = status.rsplit(" ", 1)[-1]
     return int(tail) if tail.isdigit() else 0
-
-
-def _encode_cursor(*parts: str) -> str:
-    # Same encoding as the SQLite store, so clients see one cursor format.
-    return base64.urlsafe_b64encode(json.dumps(list(parts)).encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str, n: int) -> list[str] | None:
-    try:
-        pad = "=" * (-len(cursor) % 4)
-        parts = json.loads(base64.urlsafe_b64decode(cursor + pad))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(parts, list) or len(parts) != n or not all(isinstance(p, str) for p in parts):
-        return None
-    return parts
 
 
 _KEY_COLUMN = re.compile(r"Key \(([a-z_]+)(?:, [a-z_]+)*\)=")
@@ -476,7 +443,7 @@ class PostgresStore(Store):
                 name,
                 role.value,
                 token_hash,
-                _ts(now),
+                rowmap.ts(now),
             )
             await self._audit(c, audit)
 
@@ -487,16 +454,16 @@ class PostgresStore(Store):
         row = await self._one(
             "SELECT * FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL", token_hash
         )
-        return _token(row) if row else None
+        return rowmap.token(row) if row else None
 
     async def list_api_tokens(self) -> list[ApiToken]:
-        return [_token(r) for r in await self._all("SELECT * FROM api_tokens ORDER BY name")]
+        return [rowmap.token(r) for r in await self._all("SELECT * FROM api_tokens ORDER BY name")]
 
     async def revoke_api_token(self, name: str, now: datetime, audit: AuditEntry) -> bool:
         async def run(c: Any) -> bool:
             status = await c.execute(
                 "UPDATE api_tokens SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL",
-                _ts(now),
+                rowmap.ts(now),
                 name,
             )
             if _count(status) == 0:
@@ -515,7 +482,7 @@ class PostgresStore(Store):
                 group.name,
                 group.kind.value,
                 json.dumps(group.policy.to_json()),
-                _ts(group.created_at),
+                rowmap.ts(group.created_at),
             )
             await self._audit(c, audit)
 
@@ -550,10 +517,10 @@ class PostgresStore(Store):
 
     async def get_group(self, group_id: str) -> Group | None:
         row = await self._one("SELECT * FROM groups WHERE id = $1", group_id)
-        return _group(row) if row else None
+        return rowmap.group(row) if row else None
 
     async def list_groups(self) -> list[Group]:
-        return [_group(r) for r in await self._all("SELECT * FROM groups ORDER BY name")]
+        return [rowmap.group(r) for r in await self._all("SELECT * FROM groups ORDER BY name")]
 
     # users -------------------------------------------------------------------
     async def create_user(self, user: RemoteUser, audit: AuditEntry) -> None:
@@ -574,7 +541,7 @@ class PostgresStore(Store):
             user.phone,
             user.channel.value,
             int(user.ephemeral),
-            _ts(user.created_at),
+            rowmap.ts(user.created_at),
         )
 
     async def update_user(self, user: RemoteUser, audit: AuditEntry) -> None:
@@ -606,7 +573,7 @@ class PostgresStore(Store):
 
     async def get_user(self, user_id: str) -> RemoteUser | None:
         row = await self._one("SELECT * FROM users WHERE id = $1", user_id)
-        return _user(row) if row else None
+        return rowmap.user(row) if row else None
 
     async def find_user_by_login(self, login: str) -> RemoteUser | None:
         row = await self._one(
@@ -614,14 +581,14 @@ class PostgresStore(Store):
             " ORDER BY ephemeral, created_at DESC LIMIT 1",
             login,
         )
-        return _user(row) if row else None
+        return rowmap.user(row) if row else None
 
     async def list_users(self, group_id: str | None = None) -> list[RemoteUser]:
         if group_id is None:
             rows = await self._all("SELECT * FROM users ORDER BY name, id")
         else:
             rows = await self._all("SELECT * FROM users WHERE group_id = $1 ORDER BY name, id", group_id)
-        return [_user(r) for r in rows]
+        return [rowmap.user(r) for r in rows]
 
     async def purge_candidates(self, cutoff: datetime) -> list[RemoteUser]:
         rows = await self._all(
@@ -631,9 +598,9 @@ class PostgresStore(Store):
             "   (CASE WHEN r.revoked_at IS NOT NULL AND r.revoked_at < r.end_at"
             "         THEN r.revoked_at ELSE r.end_at END) > $1)"
             " ORDER BY u.id",
-            _ts(cutoff),
+            rowmap.ts(cutoff),
         )
-        return [_user(r) for r in rows]
+        return [rowmap.user(r) for r in rows]
 
     async def purge_user(self, user_id: str, now: datetime, audit: AuditEntry) -> bool:
         # The old row versions keep the erased values until (auto)vacuum reclaims them,
@@ -643,7 +610,7 @@ class PostgresStore(Store):
                 "UPDATE users SET name = $1, email = NULL, phone = NULL, purged_at = $2"
                 " WHERE id = $3 AND purged_at IS NULL",
                 pseudonym(user_id),
-                _ts(now),
+                rowmap.ts(now),
                 user_id,
             )
             if _count(status) == 0:
@@ -663,7 +630,7 @@ class PostgresStore(Store):
             "SELECT 1 AS x FROM access_requests WHERE user_id = $1 AND status IN ('saved', 'forwarded')"
             " AND end_at > $2 LIMIT 1",
             user_id,
-            _ts(now),
+            rowmap.ts(now),
         )
         return row is not None
 
@@ -674,7 +641,7 @@ class PostgresStore(Store):
                 "INSERT INTO reasons (id, label, created_at) VALUES ($1,$2,$3)",
                 reason.id,
                 reason.label,
-                _ts(reason.created_at),
+                rowmap.ts(reason.created_at),
             )
             await self._audit(c, audit)
 
@@ -693,10 +660,10 @@ class PostgresStore(Store):
 
     async def get_reason(self, reason_id: str) -> Reason | None:
         row = await self._one("SELECT * FROM reasons WHERE id = $1", reason_id)
-        return _reason(row) if row else None
+        return rowmap.reason(row) if row else None
 
     async def list_reasons(self) -> list[Reason]:
-        return [_reason(r) for r in await self._all("SELECT * FROM reasons ORDER BY label")]
+        return [rowmap.reason(r) for r in await self._all("SELECT * FROM reasons ORDER BY label")]
 
     # targets -----------------------------------------------------------------
     async def create_target(self, target: Target, audit: AuditEntry) -> None:
@@ -712,7 +679,7 @@ class PostgresStore(Store):
                 target.port,
                 target.ssh_host_key,
                 int(target.tls_verify),
-                _ts(target.created_at),
+                rowmap.ts(target.created_at),
             )
             await self._audit(c, audit)
 
@@ -747,10 +714,10 @@ class PostgresStore(Store):
 
     async def get_target(self, target_id: str) -> Target | None:
         row = await self._one("SELECT * FROM targets WHERE id = $1 OR name = $1", target_id)
-        return _target(row) if row else None
+        return rowmap.target(row) if row else None
 
     async def list_targets(self) -> list[Target]:
-        return [_target(r) for r in await self._all("SELECT * FROM targets ORDER BY name")]
+        return [rowmap.target(r) for r in await self._all("SELECT * FROM targets ORDER BY name")]
 
     # access requests ---------------------------------------------------------
     async def create_request(
@@ -769,10 +736,10 @@ class PostgresStore(Store):
                 request.justification,
                 request.reason_id,
                 request.governance_code,
-                _ts(request.start),
-                _ts(request.end),
+                rowmap.ts(request.start),
+                rowmap.ts(request.end),
                 request.status.value,
-                _ts(request.created_at),
+                rowmap.ts(request.created_at),
                 request.created_by,
             )
             await self._audit(c, audit)
@@ -781,7 +748,7 @@ class PostgresStore(Store):
 
     async def get_request(self, request_id: str) -> AccessRequest | None:
         row = await self._one("SELECT * FROM access_requests WHERE id = $1", request_id)
-        return _request(row) if row else None
+        return rowmap.request(row) if row else None
 
     async def list_requests(self, flt: RequestFilter) -> Page[AccessRequest]:
         p = _Params()
@@ -793,7 +760,7 @@ class PostgresStore(Store):
         if flt.group_id is not None:
             where.append(f"group_id = {p(flt.group_id)}")
         if flt.cursor:
-            parts = _decode_cursor(flt.cursor, 2)
+            parts = rowmap.decode_cursor(flt.cursor, 2)
             if parts is None:
                 raise BadRequest("the cursor is not valid; start again without it")
             at, rid = p(parts[0]), p(parts[1])
@@ -803,16 +770,16 @@ class PostgresStore(Store):
             sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY created_at DESC, id DESC LIMIT {p(flt.limit + 1)}"
         rows = await self._all(sql, *p.values)
-        items = [_request(r) for r in rows[: flt.limit]]
+        items = [rowmap.request(r) for r in rows[: flt.limit]]
         nxt = None
         if len(rows) > flt.limit:
             last = rows[flt.limit - 1]
-            nxt = _encode_cursor(last["created_at"], last["id"])
+            nxt = rowmap.encode_cursor(last["created_at"], last["id"])
         return Page(items, nxt)
 
     async def find_request_by_link(self, link_hash: str) -> AccessRequest | None:
         row = await self._one("SELECT * FROM access_requests WHERE link_hash = $1", link_hash)
-        return _request(row) if row else None
+        return rowmap.request(row) if row else None
 
     async def mark_forwarded(
         self, request_id: str, link_hash: str, now: datetime, actor: str, audit: AuditEntry
@@ -822,7 +789,7 @@ class PostgresStore(Store):
                 "UPDATE access_requests SET status = 'forwarded', link_hash = $1, forwarded_at = $2,"
                 " forwarded_by = $3 WHERE id = $4 AND status IN ('saved', 'forwarded') RETURNING *",
                 link_hash,
-                _ts(now),
+                rowmap.ts(now),
                 actor,
                 request_id,
             )
@@ -834,7 +801,7 @@ class PostgresStore(Store):
             return row
 
         row = await self._write(run)
-        return _request(row) if row else None
+        return rowmap.request(row) if row else None
 
     async def revoke_request(
         self, request_id: str, now: datetime, actor: str, audit: AuditEntry
@@ -843,7 +810,7 @@ class PostgresStore(Store):
             row: _Row | None = await c.fetchrow(
                 "UPDATE access_requests SET status = 'revoked', revoked_at = $1, revoked_by = $2"
                 " WHERE id = $3 AND status IN ('saved', 'forwarded') RETURNING *",
-                _ts(now),
+                rowmap.ts(now),
                 actor,
                 request_id,
             )
@@ -852,7 +819,7 @@ class PostgresStore(Store):
             await c.execute(
                 "UPDATE sessions SET ended_at = $1, end_reason = 'revoked'"
                 " WHERE request_id = $2 AND ended_at IS NULL",
-                _ts(now),
+                rowmap.ts(now),
                 request_id,
             )
             await c.execute("DELETE FROM otps WHERE request_id = $1", request_id)
@@ -860,10 +827,10 @@ class PostgresStore(Store):
             return row
 
         row = await self._write(run)
-        return _request(row) if row else None
+        return rowmap.request(row) if row else None
 
     async def expire_requests(self, now: datetime) -> list[str]:
-        nows = _ts(now)
+        nows = rowmap.ts(now)
 
         async def run(c: Any) -> list[str]:
             rows = await c.fetch(
@@ -896,7 +863,7 @@ class PostgresStore(Store):
         expires_at: datetime,
         max_sends_per_hour: int,
     ) -> OtpIssue:
-        hour_ago = _ts(now - timedelta(hours=1))
+        hour_ago = rowmap.ts(now - timedelta(hours=1))
 
         async def run(c: Any) -> OtpIssue:
             # Replicas asking for the same request's token queue here, so the count below
@@ -909,13 +876,13 @@ class PostgresStore(Store):
                 hour_ago,
             )
             if row is not None and int(row["n"]) >= max_sends_per_hour:
-                first = _dt_req(row["first"])
+                first = rowmap.dt_req(row["first"])
                 wait = int((first + timedelta(hours=1) - now).total_seconds()) + 1
                 return OtpIssue(False, max(1, wait))
             await c.execute(
                 "INSERT INTO otp_sends (request_id, sent_at, otp_hash) VALUES ($1,$2,$3)",
                 request_id,
-                _ts(now),
+                rowmap.ts(now),
                 otp_hash,
             )
             await c.execute(
@@ -929,8 +896,8 @@ class PostgresStore(Store):
                 " expires_at = excluded.expires_at, tries = 0, used_at = NULL",
                 request_id,
                 otp_hash,
-                _ts(now),
-                _ts(expires_at),
+                rowmap.ts(now),
+                rowmap.ts(expires_at),
             )
             return OtpIssue(True)
 
@@ -957,7 +924,7 @@ class PostgresStore(Store):
         SET tries = tries + 1 WHERE tries < max``, so however many guesses race over however
         many replicas, at most ``max_tries`` are ever counted.
         """
-        nows = _ts(now)
+        nows = rowmap.ts(now)
 
         async def run(c: Any) -> OtpResult:
             if await c.fetchval(
@@ -1017,8 +984,8 @@ class PostgresStore(Store):
                 session.request_id,
                 session_hash,
                 session.address,
-                _ts(session.created_at),
-                _ts(session.last_seen),
+                rowmap.ts(session.created_at),
+                rowmap.ts(session.last_seen),
             )
             await self._audit(c, audit)
             return SessionCreate.OK
@@ -1029,17 +996,17 @@ class PostgresStore(Store):
         row = await self._one(
             "SELECT * FROM sessions WHERE session_hash = $1 AND ended_at IS NULL", session_hash
         )
-        return _session(row) if row else None
+        return rowmap.session(row) if row else None
 
     async def get_session(self, session_id: str) -> Session | None:
         row = await self._one("SELECT * FROM sessions WHERE id = $1", session_id)
-        return _session(row) if row else None
+        return rowmap.session(row) if row else None
 
     async def touch_sessions(self, seen: dict[str, datetime]) -> None:
         if not seen:
             return
         ids = sorted(seen)
-        times = [_ts(seen[sid]) for sid in ids]
+        times = [rowmap.ts(seen[sid]) for sid in ids]
 
         async def run(c: Any) -> None:
             await c.execute(
@@ -1058,7 +1025,7 @@ class PostgresStore(Store):
         async def run(c: Any) -> bool:
             status = await c.execute(
                 "UPDATE sessions SET ended_at = $1, end_reason = $2 WHERE id = $3 AND ended_at IS NULL",
-                _ts(now),
+                rowmap.ts(now),
                 reason,
                 session_id,
             )
@@ -1081,7 +1048,7 @@ class PostgresStore(Store):
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at"
-        return [_session(r) for r in await self._all(sql, *p.values)]
+        return [rowmap.session(r) for r in await self._all(sql, *p.values)]
 
     # audit -------------------------------------------------------------------
     async def append_audit(self, entry: AuditEntry) -> None:
@@ -1094,7 +1061,7 @@ class PostgresStore(Store):
         p = _Params()
         where: list[str] = []
         if flt.since is not None:
-            where.append(f"at >= {p(_ts(flt.since))}")
+            where.append(f"at >= {p(rowmap.ts(flt.since))}")
         if flt.type is not None:
             where.append(f"action = {p(flt.type)}")
         if flt.request_id is not None:
@@ -1102,7 +1069,7 @@ class PostgresStore(Store):
         if flt.subject is not None:
             where.append(f"subject = {p(flt.subject)}")
         if flt.cursor:
-            parts = _decode_cursor(flt.cursor, 1)
+            parts = rowmap.decode_cursor(flt.cursor, 1)
             if parts is None or not parts[0].isdigit() or not parts[0].isascii() or len(parts[0]) > 18:
                 raise BadRequest("the cursor is not valid; start again without it")
             where.append(f"seq > {p(int(parts[0]))}")
@@ -1111,12 +1078,12 @@ class PostgresStore(Store):
             sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY seq LIMIT {p(flt.limit + 1)}"
         rows = await self._all(sql, *p.values)
-        items = [_event(r) for r in rows[: flt.limit]]
-        nxt = _encode_cursor(str(rows[flt.limit - 1]["seq"])) if len(rows) > flt.limit else None
+        items = [rowmap.event(r) for r in rows[: flt.limit]]
+        nxt = rowmap.encode_cursor(str(rows[flt.limit - 1]["seq"])) if len(rows) > flt.limit else None
         return Page(items, nxt)
 
     async def all_audit(self) -> Sequence[AuditEvent]:
-        return [_event(r) for r in await self._all("SELECT * FROM audit_events ORDER BY seq")]
+        return [rowmap.event(r) for r in await self._all("SELECT * FROM audit_events ORDER BY seq")]
 
     async def audit_head(self) -> tuple[int, str] | None:
         row = await self._one("SELECT seq, hash FROM audit_head WHERE id = 1")
@@ -1135,101 +1102,3 @@ def _describe(exc: BaseException) -> str:
 
 
 # rows -> model ---------------------------------------------------------------
-def _token(r: _Row) -> ApiToken:
-    return ApiToken(
-        name=r["name"],
-        role=Role(r["role"]),
-        created_at=_dt_req(r["created_at"]),
-        revoked_at=_dt(r["revoked_at"]),
-    )
-
-
-def _group(r: _Row) -> Group:
-    return Group(
-        id=r["id"],
-        name=r["name"],
-        kind=GroupKind(r["kind"]),
-        policy=policy_from_json(json.loads(r["policy"])),
-        created_at=_dt_req(r["created_at"]),
-    )
-
-
-def _user(r: _Row) -> RemoteUser:
-    return RemoteUser(
-        id=r["id"],
-        group_id=r["group_id"],
-        name=r["name"],
-        email=r["email"],
-        phone=r["phone"],
-        channel=Channel(r["channel"]),
-        created_at=_dt_req(r["created_at"]),
-        ephemeral=bool(r["ephemeral"]),
-        purged_at=_dt(r["purged_at"]),
-    )
-
-
-def _reason(r: _Row) -> Reason:
-    return Reason(id=r["id"], label=r["label"], created_at=_dt_req(r["created_at"]))
-
-
-def _target(r: _Row) -> Target:
-    return Target(
-        id=r["id"],
-        name=r["name"],
-        protocol=TargetProtocol(r["protocol"]),
-        url=r["url"],
-        host=r["host"],
-        port=r["port"],
-        ssh_host_key=r["ssh_host_key"],
-        tls_verify=bool(r["tls_verify"]),
-        created_at=_dt_req(r["created_at"]),
-    )
-
-
-def _request(r: _Row) -> AccessRequest:
-    return AccessRequest(
-        id=r["id"],
-        group_id=r["group_id"],
-        user_id=r["user_id"],
-        justification=r["justification"],
-        reason_id=r["reason_id"],
-        governance_code=r["governance_code"],
-        start=_dt_req(r["start_at"]),
-        end=_dt_req(r["end_at"]),
-        status=RequestStatus(r["status"]),
-        created_at=_dt_req(r["created_at"]),
-        created_by=r["created_by"],
-        forwarded_at=_dt(r["forwarded_at"]),
-        forwarded_by=r["forwarded_by"],
-        revoked_at=_dt(r["revoked_at"]),
-        revoked_by=r["revoked_by"],
-    )
-
-
-def _session(r: _Row) -> Session:
-    return Session(
-        id=r["id"],
-        request_id=r["request_id"],
-        address=r["address"],
-        created_at=_dt_req(r["created_at"]),
-        last_seen=_dt_req(r["last_seen"]),
-        ended_at=_dt(r["ended_at"]),
-        end_reason=r["end_reason"],
-    )
-
-
-def _event(r: _Row) -> AuditEvent:
-    return AuditEvent(
-        seq=int(r["seq"]),
-        at=_dt_req(r["at"]),
-        actor=r["actor"],
-        action=r["action"],
-        subject=r["subject"],
-        outcome=r["outcome"],
-        origin=r["origin"],
-        details=json.loads(r["details"]),
-        personal_commitment=r["personal_commitment"],
-        prev_hash=r["prev_hash"],
-        hash=r["hash"],
-        personal=json.loads(r["personal"]) if r["personal"] else None,
-    )

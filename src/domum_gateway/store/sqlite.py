@@ -8,13 +8,12 @@ WAL lets the reader see committed data while a write is in progress.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +26,14 @@ from ..model import (
     AccessRequest,
     ApiToken,
     AuditEvent,
-    Channel,
-    Duration,
-    DurationUnit,
     Group,
-    GroupKind,
-    GroupPolicy,
-    OriginRules,
-    Protocol,
     Reason,
     RemoteUser,
-    RequestStatus,
     Role,
     Session,
     Target,
 )
+from . import rows as rowmap
 from .base import (
     AuditFilter,
     OtpIssue,
@@ -54,57 +46,11 @@ from .base import (
 )
 from .migrations import MIGRATIONS
 
-__all__ = ["SqliteStore", "policy_from_json"]
+__all__ = ["SqliteStore"]
 
 log = logging.getLogger("domum.store")
 
 _Row = sqlite3.Row
-
-
-def _ts(when: datetime | None) -> str | None:
-    return None if when is None else format_instant(when)
-
-
-def _dt(text: str | None) -> datetime | None:
-    if text is None:
-        return None
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-
-
-def _dt_req(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-
-
-def policy_from_json(raw: dict[str, Any]) -> GroupPolicy:
-    """Rebuild a stored policy (already validated when it was written)."""
-    origins = raw.get("origins", {})
-    return GroupPolicy(
-        targets=tuple(raw.get("targets", ())),
-        origins=OriginRules(
-            allow_cidrs=tuple(origins.get("allow_cidrs", ())),
-            deny_cidrs=tuple(origins.get("deny_cidrs", ())),
-            countries=tuple(origins.get("countries", ())),
-        ),
-        max_duration=Duration(int(raw["max_duration"]["value"]), DurationUnit(raw["max_duration"]["unit"])),
-        idle_timeout=Duration(int(raw["idle_timeout"]["value"]), DurationUnit(raw["idle_timeout"]["unit"])),
-        max_sessions=int(raw.get("max_sessions", 3)),
-        channels=tuple(Channel(c) for c in raw.get("channels", ("email", "sms"))),
-    )
-
-
-def _encode_cursor(*parts: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps(list(parts)).encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str, n: int) -> list[str] | None:
-    try:
-        pad = "=" * (-len(cursor) % 4)
-        parts = json.loads(base64.urlsafe_b64decode(cursor + pad))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(parts, list) or len(parts) != n or not all(isinstance(p, str) for p in parts):
-        return None
-    return parts
 
 
 class SqliteStore(Store):
@@ -288,7 +234,7 @@ class SqliteStore(Store):
                 raise Conflict(f"a token named {name!r} already exists")
             await w.execute(
                 "INSERT INTO api_tokens (name, role, token_hash, created_at) VALUES (?,?,?,?)",
-                (name, role.value, token_hash, _ts(now)),
+                (name, role.value, token_hash, rowmap.ts(now)),
             )
             await self._audit(w, audit)
         return ApiToken(name=name, role=role, created_at=now)
@@ -297,16 +243,16 @@ class SqliteStore(Store):
         row = await self._one(
             "SELECT * FROM api_tokens WHERE token_hash = ? AND revoked_at IS NULL", (token_hash,)
         )
-        return _token(row) if row else None
+        return rowmap.token(row) if row else None
 
     async def list_api_tokens(self) -> list[ApiToken]:
-        return [_token(r) for r in await self._all("SELECT * FROM api_tokens ORDER BY name")]
+        return [rowmap.token(r) for r in await self._all("SELECT * FROM api_tokens ORDER BY name")]
 
     async def revoke_api_token(self, name: str, now: datetime, audit: AuditEntry) -> bool:
         async with self._tx() as w:
             cur = await w.execute(
                 "UPDATE api_tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
-                (_ts(now), name),
+                (rowmap.ts(now), name),
             )
             if cur.rowcount == 0:
                 return False
@@ -323,7 +269,7 @@ class SqliteStore(Store):
                     group.name,
                     group.kind.value,
                     json.dumps(group.policy.to_json()),
-                    _ts(group.created_at),
+                    rowmap.ts(group.created_at),
                 ),
             )
             await self._audit(w, audit)
@@ -352,10 +298,10 @@ class SqliteStore(Store):
 
     async def get_group(self, group_id: str) -> Group | None:
         row = await self._one("SELECT * FROM groups WHERE id = ?", (group_id,))
-        return _group(row) if row else None
+        return rowmap.group(row) if row else None
 
     async def list_groups(self) -> list[Group]:
-        return [_group(r) for r in await self._all("SELECT * FROM groups ORDER BY name")]
+        return [rowmap.group(r) for r in await self._all("SELECT * FROM groups ORDER BY name")]
 
     # users -------------------------------------------------------------------
     async def create_user(self, user: RemoteUser, audit: AuditEntry) -> None:
@@ -375,7 +321,7 @@ class SqliteStore(Store):
                 user.phone,
                 user.channel.value,
                 int(user.ephemeral),
-                _ts(user.created_at),
+                rowmap.ts(user.created_at),
             ),
         )
 
@@ -400,7 +346,7 @@ class SqliteStore(Store):
 
     async def get_user(self, user_id: str) -> RemoteUser | None:
         row = await self._one("SELECT * FROM users WHERE id = ?", (user_id,))
-        return _user(row) if row else None
+        return rowmap.user(row) if row else None
 
     async def find_user_by_login(self, login: str) -> RemoteUser | None:
         row = await self._one(
@@ -408,14 +354,14 @@ class SqliteStore(Store):
             " ORDER BY ephemeral, created_at DESC LIMIT 1",
             (login, login),
         )
-        return _user(row) if row else None
+        return rowmap.user(row) if row else None
 
     async def list_users(self, group_id: str | None = None) -> list[RemoteUser]:
         if group_id is None:
             rows = await self._all("SELECT * FROM users ORDER BY name, id")
         else:
             rows = await self._all("SELECT * FROM users WHERE group_id = ? ORDER BY name, id", (group_id,))
-        return [_user(r) for r in rows]
+        return [rowmap.user(r) for r in rows]
 
     async def purge_candidates(self, cutoff: datetime) -> list[RemoteUser]:
         rows = await self._all(
@@ -425,16 +371,16 @@ class SqliteStore(Store):
             "   (CASE WHEN r.revoked_at IS NOT NULL AND r.revoked_at < r.end_at"
             "         THEN r.revoked_at ELSE r.end_at END) > ?)"
             " ORDER BY u.id",
-            (_ts(cutoff),),
+            (rowmap.ts(cutoff),),
         )
-        return [_user(r) for r in rows]
+        return [rowmap.user(r) for r in rows]
 
     async def purge_user(self, user_id: str, now: datetime, audit: AuditEntry) -> bool:
         async with self._tx() as w:
             cur = await w.execute(
                 "UPDATE users SET name = ?, email = NULL, phone = NULL, purged_at = ?"
                 " WHERE id = ? AND purged_at IS NULL",
-                (pseudonym(user_id), _ts(now), user_id),
+                (pseudonym(user_id), rowmap.ts(now), user_id),
             )
             if cur.rowcount == 0:
                 return False
@@ -456,7 +402,7 @@ class SqliteStore(Store):
         row = await self._one(
             "SELECT 1 AS x FROM access_requests WHERE user_id = ? AND status IN ('saved', 'forwarded')"
             " AND end_at > ? LIMIT 1",
-            (user_id, _ts(now)),
+            (user_id, rowmap.ts(now)),
         )
         return row is not None
 
@@ -465,7 +411,7 @@ class SqliteStore(Store):
         async with self._tx() as w:
             await w.execute(
                 "INSERT INTO reasons (id, label, created_at) VALUES (?,?,?)",
-                (reason.id, reason.label, _ts(reason.created_at)),
+                (reason.id, reason.label, rowmap.ts(reason.created_at)),
             )
             await self._audit(w, audit)
 
@@ -482,10 +428,10 @@ class SqliteStore(Store):
 
     async def get_reason(self, reason_id: str) -> Reason | None:
         row = await self._one("SELECT * FROM reasons WHERE id = ?", (reason_id,))
-        return _reason(row) if row else None
+        return rowmap.reason(row) if row else None
 
     async def list_reasons(self) -> list[Reason]:
-        return [_reason(r) for r in await self._all("SELECT * FROM reasons ORDER BY label")]
+        return [rowmap.reason(r) for r in await self._all("SELECT * FROM reasons ORDER BY label")]
 
     # targets -----------------------------------------------------------------
     async def create_target(self, target: Target, audit: AuditEntry) -> None:
@@ -502,7 +448,7 @@ class SqliteStore(Store):
                     target.port,
                     target.ssh_host_key,
                     int(target.tls_verify),
-                    _ts(target.created_at),
+                    rowmap.ts(target.created_at),
                 ),
             )
             await self._audit(w, audit)
@@ -535,10 +481,10 @@ class SqliteStore(Store):
 
     async def get_target(self, target_id: str) -> Target | None:
         row = await self._one("SELECT * FROM targets WHERE id = ? OR name = ?", (target_id, target_id))
-        return _target(row) if row else None
+        return rowmap.target(row) if row else None
 
     async def list_targets(self) -> list[Target]:
-        return [_target(r) for r in await self._all("SELECT * FROM targets ORDER BY name")]
+        return [rowmap.target(r) for r in await self._all("SELECT * FROM targets ORDER BY name")]
 
     # access requests ---------------------------------------------------------
     async def create_request(
@@ -558,10 +504,10 @@ class SqliteStore(Store):
                     request.justification,
                     request.reason_id,
                     request.governance_code,
-                    _ts(request.start),
-                    _ts(request.end),
+                    rowmap.ts(request.start),
+                    rowmap.ts(request.end),
                     request.status.value,
-                    _ts(request.created_at),
+                    rowmap.ts(request.created_at),
                     request.created_by,
                 ),
             )
@@ -569,7 +515,7 @@ class SqliteStore(Store):
 
     async def get_request(self, request_id: str) -> AccessRequest | None:
         row = await self._one("SELECT * FROM access_requests WHERE id = ?", (request_id,))
-        return _request(row) if row else None
+        return rowmap.request(row) if row else None
 
     async def list_requests(self, flt: RequestFilter) -> Page[AccessRequest]:
         where: list[str] = []
@@ -584,7 +530,7 @@ class SqliteStore(Store):
             where.append("group_id = ?")
             params.append(flt.group_id)
         if flt.cursor:
-            parts = _decode_cursor(flt.cursor, 2)
+            parts = rowmap.decode_cursor(flt.cursor, 2)
             if parts is None:
                 from ..errors import BadRequest
 
@@ -597,16 +543,16 @@ class SqliteStore(Store):
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         params.append(flt.limit + 1)
         rows = await self._all(sql, params)
-        items = [_request(r) for r in rows[: flt.limit]]
+        items = [rowmap.request(r) for r in rows[: flt.limit]]
         nxt = None
         if len(rows) > flt.limit:
             last = rows[flt.limit - 1]
-            nxt = _encode_cursor(last["created_at"], last["id"])
+            nxt = rowmap.encode_cursor(last["created_at"], last["id"])
         return Page(items, nxt)
 
     async def find_request_by_link(self, link_hash: str) -> AccessRequest | None:
         row = await self._one("SELECT * FROM access_requests WHERE link_hash = ?", (link_hash,))
-        return _request(row) if row else None
+        return rowmap.request(row) if row else None
 
     async def mark_forwarded(
         self, request_id: str, link_hash: str, now: datetime, actor: str, audit: AuditEntry
@@ -615,7 +561,7 @@ class SqliteStore(Store):
             cur = await w.execute(
                 "UPDATE access_requests SET status = 'forwarded', link_hash = ?, forwarded_at = ?,"
                 " forwarded_by = ? WHERE id = ? AND status IN ('saved', 'forwarded')",
-                (link_hash, _ts(now), actor, request_id),
+                (link_hash, rowmap.ts(now), actor, request_id),
             )
             if cur.rowcount == 0:
                 return None
@@ -624,7 +570,7 @@ class SqliteStore(Store):
             await self._audit(w, audit)
             cur = await w.execute("SELECT * FROM access_requests WHERE id = ?", (request_id,))
             row = await cur.fetchone()
-        return _request(row) if row else None
+        return rowmap.request(row) if row else None
 
     async def revoke_request(
         self, request_id: str, now: datetime, actor: str, audit: AuditEntry
@@ -633,34 +579,34 @@ class SqliteStore(Store):
             cur = await w.execute(
                 "UPDATE access_requests SET status = 'revoked', revoked_at = ?, revoked_by = ?"
                 " WHERE id = ? AND status IN ('saved', 'forwarded')",
-                (_ts(now), actor, request_id),
+                (rowmap.ts(now), actor, request_id),
             )
             if cur.rowcount == 0:
                 return None
             await w.execute(
                 "UPDATE sessions SET ended_at = ?, end_reason = 'revoked'"
                 " WHERE request_id = ? AND ended_at IS NULL",
-                (_ts(now), request_id),
+                (rowmap.ts(now), request_id),
             )
             await w.execute("DELETE FROM otps WHERE request_id = ?", (request_id,))
             await self._audit(w, audit)
             cur = await w.execute("SELECT * FROM access_requests WHERE id = ?", (request_id,))
             row = await cur.fetchone()
-        return _request(row) if row else None
+        return rowmap.request(row) if row else None
 
     async def expire_requests(self, now: datetime) -> list[str]:
         async with self._tx() as w:
             cur = await w.execute(
                 "UPDATE access_requests SET status = 'expired'"
                 " WHERE status IN ('saved', 'forwarded') AND end_at <= ? RETURNING id",
-                (_ts(now),),
+                (rowmap.ts(now),),
             )
             ids = [str(r["id"]) for r in await cur.fetchall()]
             for rid in ids:
                 await w.execute(
                     "UPDATE sessions SET ended_at = ?, end_reason = 'expired'"
                     " WHERE request_id = ? AND ended_at IS NULL",
-                    (_ts(now), rid),
+                    (rowmap.ts(now), rid),
                 )
                 await self._audit(w, AuditEntry(actor="system", action="request.expired", subject=rid))
         return ids
@@ -674,7 +620,7 @@ class SqliteStore(Store):
         expires_at: datetime,
         max_sends_per_hour: int,
     ) -> OtpIssue:
-        hour_ago = _ts(now - timedelta(hours=1))
+        hour_ago = rowmap.ts(now - timedelta(hours=1))
         async with self._tx() as w:
             cur = await w.execute(
                 "SELECT COUNT(*) AS n, MIN(sent_at) AS first FROM otp_sends"
@@ -683,12 +629,12 @@ class SqliteStore(Store):
             )
             row = await cur.fetchone()
             if row is not None and int(row["n"]) >= max_sends_per_hour:
-                first = _dt_req(row["first"])
+                first = rowmap.dt_req(row["first"])
                 wait = int((first + timedelta(hours=1) - now).total_seconds()) + 1
                 return OtpIssue(False, max(1, wait))
             await w.execute(
                 "INSERT INTO otp_sends (request_id, sent_at, otp_hash) VALUES (?,?,?)",
-                (request_id, _ts(now), otp_hash),
+                (request_id, rowmap.ts(now), otp_hash),
             )
             await w.execute(
                 "DELETE FROM otp_sends WHERE request_id = ? AND sent_at <= ?", (request_id, hour_ago)
@@ -699,7 +645,7 @@ class SqliteStore(Store):
                 " VALUES (?,?,?,?,0,NULL) ON CONFLICT (request_id) DO UPDATE SET"
                 " otp_hash = excluded.otp_hash, created_at = excluded.created_at,"
                 " expires_at = excluded.expires_at, tries = 0, used_at = NULL",
-                (request_id, otp_hash, _ts(now), _ts(expires_at)),
+                (request_id, otp_hash, rowmap.ts(now), rowmap.ts(expires_at)),
             )
         return OtpIssue(True)
 
@@ -718,7 +664,7 @@ class SqliteStore(Store):
         gets the row back. A wrong guess increments ``tries`` in one statement too, so
         concurrent guesses can never exceed ``max_tries`` in total.
         """
-        nows = _ts(now)
+        nows = rowmap.ts(now)
         async with self._tx() as w:
             cur = await w.execute(
                 "UPDATE otps SET used_at = ? WHERE request_id = ? AND otp_hash = ?"
@@ -761,8 +707,8 @@ class SqliteStore(Store):
                     session.request_id,
                     session_hash,
                     session.address,
-                    _ts(session.created_at),
-                    _ts(session.last_seen),
+                    rowmap.ts(session.created_at),
+                    rowmap.ts(session.last_seen),
                 ),
             )
             await self._audit(w, audit)
@@ -772,11 +718,11 @@ class SqliteStore(Store):
         row = await self._one(
             "SELECT * FROM sessions WHERE session_hash = ? AND ended_at IS NULL", (session_hash,)
         )
-        return _session(row) if row else None
+        return rowmap.session(row) if row else None
 
     async def get_session(self, session_id: str) -> Session | None:
         row = await self._one("SELECT * FROM sessions WHERE id = ?", (session_id,))
-        return _session(row) if row else None
+        return rowmap.session(row) if row else None
 
     async def touch_sessions(self, seen: dict[str, datetime]) -> None:
         if not seen:
@@ -784,7 +730,7 @@ class SqliteStore(Store):
         async with self._tx() as w:
             await w.executemany(
                 "UPDATE sessions SET last_seen = ? WHERE id = ? AND last_seen < ?",
-                [(_ts(t), sid, _ts(t)) for sid, t in seen.items()],
+                [(rowmap.ts(t), sid, rowmap.ts(t)) for sid, t in seen.items()],
             )
 
     async def end_session(
@@ -793,7 +739,7 @@ class SqliteStore(Store):
         async with self._tx() as w:
             cur = await w.execute(
                 "UPDATE sessions SET ended_at = ?, end_reason = ? WHERE id = ? AND ended_at IS NULL",
-                (_ts(now), reason, session_id),
+                (rowmap.ts(now), reason, session_id),
             )
             if cur.rowcount == 0:
                 return False
@@ -813,7 +759,7 @@ class SqliteStore(Store):
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at"
-        return [_session(r) for r in await self._all(sql, params)]
+        return [rowmap.session(r) for r in await self._all(sql, params)]
 
     # audit -------------------------------------------------------------------
     async def append_audit(self, entry: AuditEntry) -> None:
@@ -825,7 +771,7 @@ class SqliteStore(Store):
         params: list[Any] = []
         if flt.since is not None:
             where.append("at >= ?")
-            params.append(_ts(flt.since))
+            params.append(rowmap.ts(flt.since))
         if flt.type is not None:
             where.append("action = ?")
             params.append(flt.type)
@@ -836,7 +782,7 @@ class SqliteStore(Store):
             where.append("subject = ?")
             params.append(flt.subject)
         if flt.cursor:
-            parts = _decode_cursor(flt.cursor, 1)
+            parts = rowmap.decode_cursor(flt.cursor, 1)
             if parts is None or not parts[0].isascii() or not parts[0].isdigit() or len(parts[0]) > 18:
                 from ..errors import BadRequest
 
@@ -849,12 +795,12 @@ class SqliteStore(Store):
         sql += " ORDER BY seq LIMIT ?"
         params.append(flt.limit + 1)
         rows = await self._all(sql, params)
-        items = [_event(r) for r in rows[: flt.limit]]
-        nxt = _encode_cursor(str(rows[flt.limit - 1]["seq"])) if len(rows) > flt.limit else None
+        items = [rowmap.event(r) for r in rows[: flt.limit]]
+        nxt = rowmap.encode_cursor(str(rows[flt.limit - 1]["seq"])) if len(rows) > flt.limit else None
         return Page(items, nxt)
 
     async def all_audit(self) -> Sequence[AuditEvent]:
-        return [_event(r) for r in await self._all("SELECT * FROM audit_events ORDER BY seq")]
+        return [rowmap.event(r) for r in await self._all("SELECT * FROM audit_events ORDER BY seq")]
 
     async def audit_head(self) -> tuple[int, str] | None:
         row = await self._one("SELECT seq, hash FROM audit_head WHERE id = 1")
@@ -873,103 +819,3 @@ def _integrity_message(exc: sqlite3.IntegrityError) -> str:
     if "FOREIGN KEY" in text:
         return "a referenced record does not exist"
     return "the change conflicts with existing data"
-
-
-def _token(r: _Row) -> ApiToken:
-    return ApiToken(
-        name=r["name"],
-        role=Role(r["role"]),
-        created_at=_dt_req(r["created_at"]),
-        revoked_at=_dt(r["revoked_at"]),
-    )
-
-
-def _group(r: _Row) -> Group:
-    return Group(
-        id=r["id"],
-        name=r["name"],
-        kind=GroupKind(r["kind"]),
-        policy=policy_from_json(json.loads(r["policy"])),
-        created_at=_dt_req(r["created_at"]),
-    )
-
-
-def _user(r: _Row) -> RemoteUser:
-    return RemoteUser(
-        id=r["id"],
-        group_id=r["group_id"],
-        name=r["name"],
-        email=r["email"],
-        phone=r["phone"],
-        channel=Channel(r["channel"]),
-        created_at=_dt_req(r["created_at"]),
-        ephemeral=bool(r["ephemeral"]),
-        purged_at=_dt(r["purged_at"]),
-    )
-
-
-def _reason(r: _Row) -> Reason:
-    return Reason(id=r["id"], label=r["label"], created_at=_dt_req(r["created_at"]))
-
-
-def _target(r: _Row) -> Target:
-    return Target(
-        id=r["id"],
-        name=r["name"],
-        protocol=Protocol(r["protocol"]),
-        url=r["url"],
-        host=r["host"],
-        port=r["port"],
-        ssh_host_key=r["ssh_host_key"],
-        tls_verify=bool(r["tls_verify"]),
-        created_at=_dt_req(r["created_at"]),
-    )
-
-
-def _request(r: _Row) -> AccessRequest:
-    return AccessRequest(
-        id=r["id"],
-        group_id=r["group_id"],
-        user_id=r["user_id"],
-        justification=r["justification"],
-        reason_id=r["reason_id"],
-        governance_code=r["governance_code"],
-        start=_dt_req(r["start_at"]),
-        end=_dt_req(r["end_at"]),
-        status=RequestStatus(r["status"]),
-        created_at=_dt_req(r["created_at"]),
-        created_by=r["created_by"],
-        forwarded_at=_dt(r["forwarded_at"]),
-        forwarded_by=r["forwarded_by"],
-        revoked_at=_dt(r["revoked_at"]),
-        revoked_by=r["revoked_by"],
-    )
-
-
-def _session(r: _Row) -> Session:
-    return Session(
-        id=r["id"],
-        request_id=r["request_id"],
-        address=r["address"],
-        created_at=_dt_req(r["created_at"]),
-        last_seen=_dt_req(r["last_seen"]),
-        ended_at=_dt(r["ended_at"]),
-        end_reason=r["end_reason"],
-    )
-
-
-def _event(r: _Row) -> AuditEvent:
-    return AuditEvent(
-        seq=int(r["seq"]),
-        at=_dt_req(r["at"]),
-        actor=r["actor"],
-        action=r["action"],
-        subject=r["subject"],
-        outcome=r["outcome"],
-        origin=r["origin"],
-        details=json.loads(r["details"]),
-        personal_commitment=r["personal_commitment"],
-        prev_hash=r["prev_hash"],
-        hash=r["hash"],
-        personal=json.loads(r["personal"]) if r["personal"] else None,
-    )
