@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 __all__ = ["Metrics"]
 
 
 class Metrics:
-    """Every ``domum_`` metric from DESIGN.md. Labels never carry secrets or user data."""
+    """The ``domum_`` metrics shared across modules. Labels never carry secrets or user data.
+
+    ``domum_proxy_request_duration_seconds`` is rendered by the HTTP proxy's own collector
+    (labelled by target and status class, counted without locks on the hot path).
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -25,12 +29,6 @@ class Metrics:
         )
         self.tunnel_bytes = Counter(
             "domum_tunnel_bytes_total", "Bytes carried", ["protocol", "direction"], registry=r
-        )
-        self.proxy_duration = Histogram(
-            "domum_proxy_request_duration_seconds",
-            "Proxied HTTP request duration",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-            registry=r,
         )
         self.denied = Counter("domum_denied_total", "Refused access decisions", ["reason"], registry=r)
         self.api_requests = Counter(

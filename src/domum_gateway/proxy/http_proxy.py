@@ -217,11 +217,7 @@ class HttpProxy:
         self._flushed = (0, 0)
         self._bytes_up = 0
         self._bytes_down = 0
-        registry = ctx.metrics.registry
-        # The unlabelled histogram Metrics declares gives way to the labelled one above.
-        with contextlib.suppress(KeyError):
-            registry.unregister(ctx.metrics.proxy_duration)
-        registry.register(_Collector(self))
+        ctx.metrics.registry.register(_Collector(self))
 
     # lifecycle ---------------------------------------------------------------------
     async def on_startup(self, _: web.Application) -> None:

@@ -42,7 +42,7 @@ __all__ = [
 log = logging.getLogger("domum.proxy.upstream")
 
 UpstreamFailure = UpstreamError | UpstreamTimeout
-# The buckets of domum_proxy_request_duration_seconds (as in ``metrics.Metrics``).
+# The buckets of domum_proxy_request_duration_seconds (rendered by http_proxy's collector).
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _MAX_HEAD = 65536
 _INF = float("inf")
