@@ -379,14 +379,8 @@ async def delete_session(request: web.Request) -> web.Response:
             raise NotFound("No live connection with this id on this gateway.")
         await ctx.store.append_audit(actor.entry("connection.terminated", sid))
         return web.Response(status=204)
-    ended = await ctx.store.end_session(
-        sid, "terminated", ctx.clock.now(), actor.entry("session.terminated", sid)
-    )
-    if not ended:
+    if not await ctx.service.terminate_session(sid, actor):
         raise NotFound("No live session with this id.")
-    from ..bus import Change, ChangeKind
-
-    ctx.service.bus.publish(Change(ChangeKind.SESSION, sid, "terminated by an administrator"))
     return web.Response(status=204)
 
 

@@ -29,7 +29,6 @@ from aiohttp import web
 from ..audit import verify_chain
 from ..auth.secrets import hash_secret
 from ..auth.windows import parse_instant
-from ..bus import Change, ChangeKind
 from ..clock import Clock
 from ..errors import FieldError, Forbidden, NotFound, ValidationError
 from ..model import Role
@@ -168,13 +167,9 @@ async def terminate_session(request: web.Request) -> web.Response:
     viewer = request[VIEWER]
     sid = request.match_info["id"]
     actor = viewer.actor(request)
-    ended = await ctx.store.end_session(
-        sid, "terminated", ctx.clock.now(), actor.entry("session.terminated", sid)
-    )
-    if not ended:
+    if not await ctx.service.terminate_session(sid, actor):
         viewer.session.flash("That session had already ended.", "error")
     else:
-        ctx.service.bus.publish(Change(ChangeKind.SESSION, sid, "terminated by an administrator"))
         viewer.session.flash("Session terminated.")
     return redirect("/admin/sessions")
 

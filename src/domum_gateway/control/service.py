@@ -625,6 +625,15 @@ class AdminService:
         self.bus.publish(Change(ChangeKind.REQUEST, req.id, "access revoked"))
         return updated
 
+    async def terminate_session(self, session_id: str, actor: Actor) -> bool:
+        """End a live session for every replica (its connections are cut); False if none."""
+        ended = await self.store.end_session(
+            session_id, "terminated", self.clock.now(), actor.entry("session.terminated", session_id)
+        )
+        if ended:
+            self.bus.publish(Change(ChangeKind.SESSION, session_id, "terminated by an administrator"))
+        return ended
+
     async def expire_due(self) -> list[str]:
         ids = await self.store.expire_requests(self.clock.now())
         for rid in ids:

@@ -21,7 +21,7 @@ import aiosqlite
 
 from ..audit import GENESIS, AuditEntry, commit_personal, envelope, event_hash, format_instant
 from ..clock import Clock, SystemClock
-from ..errors import Conflict, StoreError
+from ..errors import BadRequest, Conflict, StoreError
 from ..model import (
     AccessRequest,
     ApiToken,
@@ -532,8 +532,6 @@ class SqliteStore(Store):
         if flt.cursor:
             parts = rowmap.decode_cursor(flt.cursor, 2)
             if parts is None:
-                from ..errors import BadRequest
-
                 raise BadRequest("the cursor is not valid; start again without it")
             where.append("(created_at < ? OR (created_at = ? AND id < ?))")
             params.extend([parts[0], parts[0], parts[1]])
@@ -784,8 +782,6 @@ class SqliteStore(Store):
         if flt.cursor:
             parts = rowmap.decode_cursor(flt.cursor, 1)
             if parts is None or not parts[0].isascii() or not parts[0].isdigit() or len(parts[0]) > 18:
-                from ..errors import BadRequest
-
                 raise BadRequest("the cursor is not valid; start again without it")
             where.append("seq > ?")
             params.append(int(parts[0]))
