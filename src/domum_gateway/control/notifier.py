@@ -179,11 +179,18 @@ class SmtpNotifier:
             log.warning("e-mail to %s failed: %s", who, _describe(exc))
             raise DeliveryError("the e-mail server did not accept the message") from exc
         finally:
+            transport = client.transport
             if client.is_connected:
                 # The message is accepted at this point; a failing QUIT changes nothing.
                 with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
                     await client.quit()
             client.close()
+            if transport is not None:
+                # close() only schedules the socket's release for the next loop turn;
+                # abort drops unsent bytes and the yield lets the release run before we
+                # return, so no socket outlives send() (seen as a ResourceWarning in CI).
+                transport.abort()
+                await asyncio.sleep(0)
         log.info("e-mail sent to %s", who)
 
     async def close(self) -> None:
