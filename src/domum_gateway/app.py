@@ -237,6 +237,9 @@ class Gateway:
             shutdown_timeout=self.grace,
             access_log=None,
             handle_signals=False,
+            # aiohttp keeps an idle keep-alive connection for an hour by default; a
+            # browser reconnects in a blink, so hold idle sockets no longer than nginx.
+            keepalive_timeout=75.0,
         )
         await runner.setup()
         listener = site(runner, host, port, ssl_context=ctx, backlog=1024)
