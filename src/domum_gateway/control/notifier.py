@@ -189,7 +189,9 @@ class SmtpNotifier:
                 # close() only schedules the socket's release for the next loop turn;
                 # abort drops unsent bytes and the yield lets the release run before we
                 # return, so no socket outlives send() (seen as a ResourceWarning in CI).
-                transport.abort()
+                abort = getattr(transport, "abort", None)  # every stream transport has it
+                if callable(abort):
+                    abort()
                 await asyncio.sleep(0)
         log.info("e-mail sent to %s", who)
 
