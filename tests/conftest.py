@@ -1,9 +1,14 @@
 """Fixtures shared by the suite: a gateway on ephemeral loopback ports with a real SMTP server.
 
-The ``running`` gateway uses SQLite, or PostgreSQL (a throwaway server, a fresh database
-per test) when parametrised: ``--stores sqlite,postgresql`` (or ``DOMUM_TEST_STORES``)
-runs every test that uses it on each store named; without either, the modules in
-``_ALL_STORES_BY_DEFAULT`` run on both and everything else on SQLite.
+Every test that builds a gateway runs once per store: SQLite, and PostgreSQL (a
+throwaway server for the session, a fresh database per test). ``--stores sqlite`` (or
+``DOMUM_TEST_STORES=sqlite``, or ``postgresql``) narrows that. A test builds a gateway
+through the ``running`` fixture or through a helper that calls :func:`make_settings`
+with the ``mailbox`` fixture's SMTP port (``gateway_with`` in ``peers``); both get the
+test's store: ``mailbox`` depends on ``store_url``, which makes it the default storage
+of :func:`make_settings` for that test. Tests that start their own PostgreSQL database
+(``pg_url``/``pg_server`` requested directly, like the replica tests) are not
+parametrised, and neither are tests that build no gateway.
 """
 
 from __future__ import annotations
@@ -30,15 +35,16 @@ from .peers.postgres import PostgresServer, pg_server, pg_url  # noqa: F401  (fi
 from .peers.smtp import LoopbackController, Mailbox
 
 STORES = ("sqlite", "postgresql")
-_ALL_STORES_BY_DEFAULT = frozenset({"test_api.py", "test_login_core.py"})
+
+# The storage URL the current test's gateways use unless they name one (see the docstring).
+_default_storage: str | None = None
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--stores",
         default=os.environ.get("DOMUM_TEST_STORES", ""),
-        help="comma-separated stores for the `running` gateway in every test (sqlite,postgresql); "
-        "default: both for the API and login-core suites, SQLite elsewhere",
+        help="comma-separated stores every gateway-building test runs on (sqlite,postgresql); default: both",
     )
 
 
@@ -51,7 +57,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if unknown:
         raise pytest.UsageError(f"--stores: unknown store {', '.join(unknown)}; use {', '.join(STORES)}")
     if not chosen:
-        chosen = list(STORES) if metafunc.definition.path.name in _ALL_STORES_BY_DEFAULT else ["sqlite"]
+        chosen = list(STORES)
+    if {"pg_url", "pg_server"} & set(metafunc.fixturenames):
+        return  # the test runs its own PostgreSQL database (replicas, dialect comparisons)
+    if metafunc.definition.get_closest_marker("sqlite_only") is not None:
+        chosen = ["sqlite"]
     if chosen != ["sqlite"]:  # SQLite-only keeps the test ids unchanged
         metafunc.parametrize("store_kind", chosen, indirect=True)
 
@@ -71,13 +81,18 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path, store_kind: str) -
 
 
 @pytest.fixture
-def mailbox() -> Iterator[tuple[Mailbox, int]]:
+def mailbox(store_url: str) -> Iterator[tuple[Mailbox, int]]:
+    """A real SMTP server; also makes ``store_url`` this test's default storage."""
+    global _default_storage
     box = Mailbox()
     controller = LoopbackController(box, hostname="127.0.0.1", port=0)
     controller.start()
+    if not store_url.startswith("sqlite:"):
+        _default_storage = store_url  # SQLite: each gateway keeps its own file under its folder
     try:
         yield box, int(controller.port)
     finally:
+        _default_storage = None
         controller.stop()
 
 
@@ -88,7 +103,7 @@ def make_settings(tmp: Path, smtp_port: int | None = None, **overrides: Any) -> 
         "ssh": {"listen": "127.0.0.1:0"},
         "admin": {"listen": "127.0.0.1:0"},
         "tls": {"cert": str(cert), "key": str(key), "ca": str(ca)},
-        "storage": {"url": f"sqlite:///{tmp}/var/domum.db"},
+        "storage": {"url": _default_storage or f"sqlite:///{tmp}/var/domum.db"},
         "outbox": {"dir": str(tmp / "var" / "outbox")},
     }
     if smtp_port is not None:

@@ -50,6 +50,7 @@ from .proxy.pages import add_login_routes, error_page_middleware
 from .proxy.sessions import SessionManager
 from .proxy.terminal import add_terminal_routes
 from .proxy.tunnel import add_tunnel_routes
+from .proxy.watch import WatchHub
 from .settings import Settings
 from .store.base import Store
 from .store.postgres import PostgresStore
@@ -120,13 +121,15 @@ class Gateway:
             on_link_sent=lambda ch, outcome: self.metrics.links_sent.labels(ch, outcome).inc(),
         )
         self.retention = Retention(self.store, self.clock, self.bus, settings.retention.days)
-        self.scheduler = Scheduler(self.service, self.store, self.retention)
+        self.scheduler = Scheduler(self.service, self.store, self.retention, metrics=self.metrics)
         self.sessions = SessionManager(self.store, self.clock, self.bus, self.metrics)
         self.login = LoginService(self.store, self.clock, self.sessions, self._send_token, self.metrics)
         self.public_ctx = PublicContext(
             settings, self.store, self.clock, self.bus, self.metrics, self.sessions, self.login
         )
         self._listeners: dict[str, _Listener] = {}
+        # Auditors watch browser terminals (public listener) from the admin listener.
+        self.watch = WatchHub()
         self.admin_app = self._build_admin_app()
         self.public_app = self._build_public_app()
 
@@ -142,6 +145,7 @@ class Gateway:
         api = ApiContext(self.store, self.service, self.clock, evidence, self.retention)
         api.connections = self.sessions.registry
         api.cut_connection = self.sessions.terminate_connection
+        api.watch = self.watch
         add_api_routes(app, api)
         add_ops_routes(app, self.store, self.metrics)
         add_console_routes(app, store=self.store, service=self.service, clock=self.clock, evidence=evidence)
@@ -169,7 +173,7 @@ class Gateway:
 
             app.on_cleanup.append(close_countries)
         add_login_routes(app, self.public_ctx)
-        add_terminal_routes(app)
+        add_terminal_routes(app, self.watch)
         add_tunnel_routes(app, self.public_ctx)
         # /t/ requests normally never reach aiohttp: public_site() starts each connection in
         # the proxy's own protocol, which hands everything else to this app.

@@ -1,7 +1,12 @@
-"""The command line as a user runs it: init, token, audit verify, serve with SIGTERM."""
+"""The command line as a user runs it: init, token, audit verify, serve with SIGTERM.
+
+``audit verify`` runs on both stores (the suite's ``store_url``); the rest uses the
+configuration ``init`` writes, which is SQLite.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -13,6 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from domum_gateway.cli import main
@@ -95,28 +101,57 @@ def test_token_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["token", "revoke", "--config", str(cfg), "audit-1"]) == 1
 
 
+def _tamper_sql(url: str, statements: list[str]) -> None:
+    """Change the database behind the gateway's back, as an attacker with access would."""
+    if url.startswith("sqlite:"):
+        db = sqlite3.connect(url[len("sqlite:///") :])
+        with db:
+            for sql in statements:
+                db.execute(sql)
+        db.close()
+        return
+
+    async def run() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            async with conn.transaction():
+                for sql in statements:
+                    await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("tamper", ["alter", "delete_middle", "delete_last", "reorder"])
 def test_audit_verify_detects_tampering(
-    tmp_path: Path, tamper: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, tamper: str, capsys: pytest.CaptureFixture[str], store_url: str
 ) -> None:
     cfg, _ = _init(tmp_path)
+    url = f"sqlite:///{tmp_path}/var/domum.db"
+    if not store_url.startswith("sqlite:"):
+        # Point the configuration at PostgreSQL; a second init makes the schema and a token.
+        text = cfg.read_text()
+        assert 'url = "sqlite:///../var/domum.db"' in text
+        cfg.write_text(text.replace('url = "sqlite:///../var/domum.db"', f'url = "{store_url}"'))
+        again = _run("init", "--config", str(cfg), "--hostname", "gw.example.test", cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        url = store_url
     for i in range(4):
         assert main(["token", "create", "--config", str(cfg), "--role", "auditor", "--name", f"a{i}"]) == 0
     assert main(["audit", "verify", "--config", str(cfg)]) == 0
     assert "intact: 5 events" in capsys.readouterr().out
-    db = sqlite3.connect(tmp_path / "var" / "domum.db")
-    with db:
-        if tamper == "alter":
-            db.execute("UPDATE audit_events SET actor = 'someone-else' WHERE seq = 3")
-        elif tamper == "delete_middle":
-            db.execute("DELETE FROM audit_events WHERE seq = 3")
-        elif tamper == "delete_last":
-            db.execute("DELETE FROM audit_events WHERE seq = 5")
-        else:
-            db.execute("UPDATE audit_events SET seq = 100 WHERE seq = 2")
-            db.execute("UPDATE audit_events SET seq = 2 WHERE seq = 3")
-            db.execute("UPDATE audit_events SET seq = 3 WHERE seq = 100")
-    db.close()
+    statements = {
+        "alter": ["UPDATE audit_events SET actor = 'someone-else' WHERE seq = 3"],
+        "delete_middle": ["DELETE FROM audit_events WHERE seq = 3"],
+        "delete_last": ["DELETE FROM audit_events WHERE seq = 5"],
+        "reorder": [
+            "UPDATE audit_events SET seq = 100 WHERE seq = 2",
+            "UPDATE audit_events SET seq = 2 WHERE seq = 3",
+            "UPDATE audit_events SET seq = 3 WHERE seq = 100",
+        ],
+    }[tamper]
+    _tamper_sql(url, statements)
     assert main(["audit", "verify", "--config", str(cfg)]) == 1
     out = capsys.readouterr().out
     expected = {"alter": 3, "delete_middle": 3, "delete_last": 5, "reorder": 2}[tamper]

@@ -13,20 +13,24 @@ import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from html import unescape
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from multidict import CIMultiDictProxy
 from yarl import URL
 
 from domum_gateway.audit import AuditEntry
+from domum_gateway.auth.secrets import hash_secret
 from domum_gateway.clock import FakeClock
 from domum_gateway.control.console import CONSOLE
 from domum_gateway.control.console_session import ConsoleSessions
 from domum_gateway.control.evidence import verify_bundle
 from domum_gateway.model import RequestStatus, Role
 from domum_gateway.store.base import AuditFilter
+from domum_gateway.store.sqlite import SqliteStore
 
 from ..conftest import Running
 from .helpers import Seed, call, create_forwarded, login_direct, request_body, seed
@@ -243,24 +247,59 @@ async def test_revoking_the_api_token_ends_console_sessions(running: Running, ad
     assert (await admin.get("/admin/groups")).status == 303
 
 
-async def test_idle_and_absolute_expiry() -> None:
+async def test_idle_and_absolute_expiry(tmp_path: Path) -> None:
     clock = FakeClock(datetime(2030, 1, 1, 8, 0, tzinfo=UTC))
-    sessions = ConsoleSessions(clock)
-    sid, _ = sessions.create("h", "admin", Role.ADMIN)
-    clock.advance(minutes=29)
-    assert sessions.find(sid) is not None
-    clock.advance(minutes=29)  # 29 minutes since the last request: still alive
-    assert sessions.find(sid) is not None
-    clock.advance(minutes=30)
-    assert sessions.find(sid) is None, "idle for 30 minutes"
-    sid, _ = sessions.create("h", "admin", Role.ADMIN)
-    for _ in range(12 * 3 - 1):
+    store = SqliteStore(tmp_path / "console.db", clock)
+    await store.open()
+    try:
+        sessions = ConsoleSessions(store, clock)
+        sid, _ = await sessions.create("h", "admin", Role.ADMIN)
+        clock.advance(minutes=29)
+        assert await sessions.find(sid) is not None
+        clock.advance(minutes=29)  # 29 minutes since the last request: still alive
+        assert await sessions.find(sid) is not None
+        clock.advance(minutes=30)
+        assert await sessions.find(sid) is None, "idle for 30 minutes"
+        sid, _ = await sessions.create("h", "admin", Role.ADMIN)
+        for _ in range(12 * 3 - 1):
+            clock.advance(minutes=20)
+            assert await sessions.find(sid) is not None
         clock.advance(minutes=20)
-        assert sessions.find(sid) is not None
-    clock.advance(minutes=20)
-    assert sessions.find(sid) is None, "12 hours after sign-in, however active"
-    assert sessions.find("not-a-session") is None
-    assert len(sessions) == 0
+        assert await sessions.find(sid) is None, "12 hours after sign-in, however active"
+        assert await sessions.find("not-a-session") is None
+        # The first one went when the second was created; the second goes now.
+        assert await store.purge_expired(clock.now()) == 1
+    finally:
+        await store.close()
+
+
+async def test_console_sessions_are_bounded_and_state_round_trips(tmp_path: Path) -> None:
+    clock = FakeClock(datetime(2030, 1, 1, 8, 0, tzinfo=UTC))
+    store = SqliteStore(tmp_path / "console.db", clock)
+    await store.open()
+    try:
+        sessions = ConsoleSessions(store, clock, max_sessions=3)
+        made = []
+        for _ in range(4):
+            clock.advance(seconds=1)
+            made.append(await sessions.create("h", "admin", Role.ADMIN))
+        assert await sessions.find(made[0][0]) is None, "the least recently used one was dropped"
+        sid, first = made[3]
+        found = await sessions.find(sid)
+        assert found is not None and found.csrf == first.csrf and not found.dirty
+        found.flash("Saved.")
+        found.remember_draft("d1", "req_1")
+        await sessions.save(found)
+        again = await sessions.find(sid)
+        assert again is not None and again.saved_drafts == {"d1": "req_1"}
+        assert [n.text for n in again.take_notices()] == ["Saved."]
+        await sessions.save(again)
+        third = await sessions.find(sid)
+        assert third is not None and third.notices == [] and third.saved_drafts == {"d1": "req_1"}
+        await sessions.end_for_token("h")
+        assert await sessions.find(sid) is None
+    finally:
+        await store.close()
 
 
 # CSRF ------------------------------------------------------------------------
@@ -830,16 +869,27 @@ async def test_audit_log_filters_and_chain_verification(running: Running, admin:
     assert page.status == 422 and 'id="f-since-error"' in page.text
     page = await admin.get("/admin/audit/verify")
     assert "Audit chain intact" in page.text
-    db = running.gateway.settings.storage.sqlite_path
-    assert db is not None
-    conn = sqlite3.connect(db)
-    try:
-        with conn:
-            conn.execute("UPDATE audit_events SET actor = 'someone else' WHERE seq = 2")
-    finally:
-        conn.close()
+    await _tamper(running, "UPDATE audit_events SET actor = 'someone else' WHERE seq = 2")
     page = await admin.get("/admin/audit/verify")
     assert "BROKEN at event 2" in page.text
+
+
+async def _tamper(run: Running, sql: str) -> None:
+    """Change the database behind the gateway's back (either store)."""
+    db = run.gateway.settings.storage.sqlite_path
+    if db is None:
+        conn = await asyncpg.connect(run.gateway.settings.storage.url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+        return
+    lite = sqlite3.connect(db)
+    try:
+        with lite:
+            lite.execute(sql)
+    finally:
+        lite.close()
 
 
 # hostile input -----------------------------------------------------------------
@@ -914,8 +964,11 @@ async def test_console_errors_are_html_pages_not_problem_json(running: Running, 
     assert (await admin.get("/")).status == 404
 
 
-async def test_console_sessions_live_in_memory_keyed_by_hash(running: Running, admin: Console) -> None:
+async def test_console_sessions_live_in_the_store_keyed_by_hash(running: Running, admin: Console) -> None:
     ctx = running.gateway.admin_app[CONSOLE]
     cookie = next(m for m in admin.jar if m.key == "__Host-domum-admin").value
-    assert len(ctx.sessions) == 1
     assert cookie not in repr(vars(ctx.sessions))
+    record = await running.gateway.store.find_console_session(hash_secret(cookie), datetime.now(UTC))
+    assert record is not None and record.token_name == "admin"
+    stored = await running.database_bytes()
+    assert cookie.encode() not in stored and admin.csrf.encode() not in stored

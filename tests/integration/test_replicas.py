@@ -2,15 +2,21 @@
 
 What one replica changes, the other hears over LISTEN/NOTIFY and enforces within 2 s; a
 replica that loses its notification connection fails closed, re-reads everything when
-it is back, and reports itself not ready meanwhile.
+it is back, and reports itself not ready meanwhile. Credentials minted on one replica
+work on the other (a load balancer without stickiness may send any request anywhere):
+tunnel tickets, host-mode hand-over codes (redeemed once across both) and host cookies,
+and admin console sessions with their CSRF token and notices.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -28,9 +34,13 @@ from domum_gateway.store.postgres import PostgresStore
 from ..conftest import Running, _token, make_settings
 from ..peers.postgres import PostgresServer
 from ..peers.smtp import Mailbox
+from ..peers.tcp import EchoServer
+from ..peers.upstreams import ProxyEnv, grant_targets, raw_exchange, start_upstream, status_of
 from .helpers import call, create_forwarded, login_direct, seed
+from .test_tunnel import cli_login, echo_roundtrip, handshake_status, own_origin, tcp_seed, ws_open
 
 PEER = normalise_address("127.0.0.1")
+DOMAIN = "gw.test"
 
 
 @pytest.fixture
@@ -41,7 +51,13 @@ async def replicas(
     gateways: list[Gateway] = []
     try:
         for name in ("a", "b"):
-            settings = make_settings(tmp_path / name, smtp_port=port, storage={"url": pg_url})
+            settings = make_settings(
+                tmp_path / name,
+                smtp_port=port,
+                storage={"url": pg_url},
+                # Host mode on, so hand-over codes and host cookies can be tried across them.
+                public={"domain": DOMAIN, "base_url": f"https://{DOMAIN}:8443"},
+            )
             gw = Gateway(settings, grace=1.0)
             await gw.start()
             gateways.append(gw)
@@ -247,3 +263,188 @@ def test_notification_payloads_round_trip_and_reject_garbage() -> None:
     assert len(encode_change("abc", change).encode()) < 8000
     for junk in ("", "null", "[]", '{"i": "x", "k": "nope", "id": "1"}', '{"k": "group"}'):
         assert decode_change(junk) is None
+
+
+# credentials minted on one replica, used on the other (issue 9) ---------------------------
+
+
+async def _until_async(check: Callable[[], Awaitable[bool]], within: float, what: str) -> float:
+    started = time.monotonic()
+    while not await check():
+        if time.monotonic() - started > within:
+            raise AssertionError(f"{what} did not happen within {within} s")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def _cli(run: Running, path: str, ticket: str) -> tuple[int, object]:
+    async with aiohttp.ClientSession(
+        base_url=own_origin(run), connector=aiohttp.TCPConnector(ssl=run.ssl)
+    ) as s:
+        return await call(s, "POST", path, {}, headers={"Authorization": f"Bearer {ticket}"})
+
+
+async def test_tunnel_ticket_from_a_works_on_b_and_logout_on_b_kills_it_on_a(
+    replicas: tuple[Running, Running],
+) -> None:
+    a, b = replicas
+    async with EchoServer() as echo:
+        sd = await tcp_seed(a, echo.port)
+        _rid, link = await create_forwarded(a, sd)
+        granted = await cli_login(a, sd, link)
+        bearer = {"Authorization": f"Bearer {granted['ticket']}"}
+        assert b.gateway.sessions.get(str(granted["session_id"])) is None, "B never saw this session"
+        async with ws_open(b, "echo", bearer) as ws:
+            await echo_roundtrip(ws)
+        # A renewal on B gives a ticket that A accepts.
+        st, renewed = await _cli(b, "/cli/v1/renew", granted["ticket"])
+        assert st == 200 and isinstance(renewed, dict), renewed
+        async with ws_open(a, "echo", {"Authorization": f"Bearer {renewed['ticket']}"}) as ws:
+            await echo_roundtrip(ws)
+
+        # A holds the ticket in its cache and a tunnel open on it; signing out on B ends both.
+        async with ws_open(a, "echo", bearer) as ws:
+            await echo_roundtrip(ws)
+            st, _ = await _cli(b, "/cli/v1/logout", granted["ticket"])
+            assert st == 204
+            started = time.monotonic()
+
+            async def refused_on_a() -> bool:
+                return await handshake_status(a, "echo", bearer) == 401
+
+            took = await _until_async(refused_on_a, 2.0, "refusing the ticket on replica A")
+            async with asyncio.timeout(2.0 - (time.monotonic() - started) + 0.5):
+                while (msg := await ws.receive()).type is aiohttp.WSMsgType.BINARY:
+                    pass
+            assert ws.close_code == 1008, (ws.close_code, msg)
+        print(f"\nlogout on B made the ticket worthless on A after {took * 1000:.0f} ms")
+        for run in (a, b):
+            for ticket in (granted["ticket"], renewed["ticket"]):
+                assert await handshake_status(run, "echo", {"Authorization": f"Bearer {ticket}"}) == 401
+
+
+def _host_req(path: str, host: str, cookie: str | None = None) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Connection: close"]
+    if cookie is not None:
+        lines.append(f"Cookie: __Host-domum={cookie}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _header(response: bytes, name: str) -> str:
+    head = response.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    m = re.search(rf"^{name}:\s*(.*?)\r?$", head, re.I | re.M)
+    assert m, head
+    return m.group(1)
+
+
+async def _code(env: ProxyEnv) -> str:
+    """A hand-over code from the main host (the replica ``env`` points at): the query."""
+    out = await raw_exchange(env, _host_req("/t/wiki/page?x=1", f"{DOMAIN}:8443", env.cookie))
+    assert status_of(out) == 303, out[:300]
+    location = urlsplit(_header(out, "Location"))
+    assert (location.netloc, location.path) == (f"wiki.{DOMAIN}:8443", "/__domum/enter")
+    return location.query
+
+
+async def test_host_mode_code_from_a_is_redeemed_on_b_once_and_its_cookie_works_on_both(
+    replicas: tuple[Running, Running],
+) -> None:
+    a, b = replicas
+    host = f"wiki.{DOMAIN}:8443"
+    async with start_upstream() as wiki:
+        env_a = await grant_targets(a, {"wiki": wiki.url + "/app"})
+        env_b = dataclasses.replace(env_a, public_url=b.public_url, ssl=b.ssl)
+        query = await _code(env_a)
+        out = await raw_exchange(env_b, _host_req(f"/__domum/enter?{query}", host))
+        assert status_of(out) == 303, out[:300]
+        assert _header(out, "Location") == "/page?x=1"
+        cookie = _header(out, "Set-Cookie").split(";")[0].split("=", 1)[1]
+        # Spent: neither replica takes it again.
+        for env in (env_a, env_b):
+            assert status_of(await raw_exchange(env, _host_req(f"/__domum/enter?{query}", host))) == 401
+        # The host cookie minted on B opens the target on A (loaded from the store) and on B.
+        for env in (env_a, env_b):
+            out = await raw_exchange(env, _host_req("/page?x=1", host, cookie))
+            assert status_of(out) == 200, out[:300]
+        # Its own host only, on either replica.
+        for env in (env_a, env_b):
+            out = await raw_exchange(env, _host_req("/", f"other.{DOMAIN}:8443", cookie))
+            assert status_of(out) in (401, 404)
+
+        # Codes raced at both replicas at once: exactly one redemption wins each time.
+        for _ in range(5):
+            query = await _code(env_b)
+            outs = await asyncio.gather(
+                *(raw_exchange(env, _host_req(f"/__domum/enter?{query}", host)) for env in (env_a, env_b) * 3)
+            )
+            assert sorted(status_of(o) for o in outs) == [303, 401, 401, 401, 401, 401]
+        # Nothing secret is stored in the clear.
+        stored = await a.database_bytes()
+        assert cookie.encode() not in stored and query.split("&")[0].split("=", 1)[1].encode() not in stored
+
+        # Revoke on B: the host cookie A has cached stops working on A within 2 s.
+        async with b.admin() as s:
+            st, body = await call(s, "POST", f"/api/v1/access-requests/{env_a.request_id}/revoke")
+            assert st == 200, body
+
+        async def refused_on_a() -> bool:
+            return status_of(await raw_exchange(env_a, _host_req("/page", host, cookie))) == 401
+
+        took = await _until_async(refused_on_a, 2.0, "refusing the host cookie on replica A")
+        print(f"\nrevoke on B made the host cookie worthless on A after {took * 1000:.0f} ms")
+        assert status_of(await raw_exchange(env_b, _host_req("/page", host, cookie))) == 401
+
+
+_CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+async def test_console_session_signed_in_on_a_serves_b_with_the_same_cookie_and_csrf(
+    replicas: tuple[Running, Running],
+) -> None:
+    a, b = replicas
+
+    def client(run: Running, cookie: str | None = None) -> aiohttp.ClientSession:
+        headers = {"Cookie": f"__Host-domum-admin={cookie}"} if cookie else {}
+        return aiohttp.ClientSession(
+            base_url=run.admin_url, headers=headers, connector=aiohttp.TCPConnector(ssl=run.ssl)
+        )
+
+    async with client(a) as s:
+        async with s.get("/admin/login") as r:
+            form = _CSRF.search(await r.text())
+            assert form, "sign-in form"
+            pre = r.cookies["__Host-domum-admin-login"].value
+        async with s.post(
+            "/admin/login",
+            data={"csrf": form.group(1), "token": a.admin_token, "next": "/admin/reasons"},
+            headers={"Cookie": f"__Host-domum-admin-login={pre}"},
+            allow_redirects=False,
+        ) as r:
+            assert r.status == 303, await r.text()
+            cookie = r.cookies["__Host-domum-admin"].value
+    async with client(a, cookie) as on_a, client(b, cookie) as on_b:
+        async with on_a.get("/admin/reasons", allow_redirects=False) as r:
+            assert r.status == 200
+            m = _CSRF.search(await r.text())
+            assert m
+            csrf = m.group(1)
+        # B serves the next page, with the same CSRF token, and accepts a form A rendered.
+        async with on_b.get("/admin/reasons", allow_redirects=False) as r:
+            assert r.status == 200
+            m = _CSRF.search(await r.text())
+            assert m and m.group(1) == csrf
+        async with on_b.post(
+            "/admin/reasons/new", data={"csrf": csrf, "label": "Cross-replica"}, allow_redirects=False
+        ) as r:
+            assert r.status == 303, await r.text()
+        # The notice B set is shown by A, once.
+        async with on_a.get("/admin/reasons", allow_redirects=False) as r:
+            text = await r.text()
+            assert r.status == 200 and "Reason Cross-replica created." in text, text
+        async with on_b.get("/admin/reasons", allow_redirects=False) as r:
+            assert "Reason Cross-replica created." not in await r.text()
+        # Signing out on B ends the session on A.
+        async with on_b.post("/admin/logout", data={"csrf": csrf}, allow_redirects=False) as r:
+            assert r.status == 303 and "signed_out" in r.headers["Location"]
+        async with on_a.get("/admin/reasons", allow_redirects=False) as r:
+            assert r.status == 303 and r.headers["Location"].startswith("/admin/login")

@@ -7,9 +7,10 @@ replica's ``/readyz`` over TLS, and a real SMTP server in this process for token
 
 What a user relies on when there are several replicas: a revoke sent to one replica ends
 a session held on another, and an open TCP tunnel on it, within 2 s; token tries are
-counted in the database, so guesses spread over replicas kill the token at the fifth; and
-without the database every replica refuses (503), HAProxy takes them out, and both come
-back with the database.
+counted in the database, so guesses spread over replicas kill the token at the fifth; a
+tunnel ticket one replica minted opens tunnels whichever replica HAProxy picks, and
+signing out through either kills it everywhere; and without the database every replica
+refuses (503), HAProxy takes them out, and both come back with the database.
 """
 
 from __future__ import annotations
@@ -278,6 +279,58 @@ async def test_wrong_tokens_alternating_over_both_replicas_kill_the_token_at_the
     assert (page.status, page.title) == (403, "Token no longer valid"), page.text
     assert "no longer be used" in page.message
     assert b.cookie(COOKIE) is None and a.cookie(COOKIE) is None
+
+
+async def test_tunnel_ticket_from_a_opens_tunnels_through_haproxy_on_either_replica(
+    topology: Topology,
+) -> None:
+    email = "ticket@example.com"
+    ctx = client_ssl_context(topology.replicas.ca)
+    async with EchoServer() as echo:
+        target = {"name": "ticket-echo", "protocol": "tcp", "host": "127.0.0.1", "port": echo.port}
+        _rid, link = await _new_grant(topology, email, target)
+        full = topology.replicas.base_url + link
+        async with aiohttp.ClientSession(
+            base_url=topology.a.public_url, connector=aiohttp.TCPConnector(ssl=ctx)
+        ) as s:
+            n = len(topology.mailbox.messages)
+            st, sent = await call(s, "POST", "/cli/v1/token", {"link": full})
+            assert st == 202, sent
+            await topology.mailbox.wait_count(n + 1)
+            token = topology.mailbox.last_token(email)
+            st, granted = await call(s, "POST", "/cli/v1/verify", {"link": full, "token": token})
+            assert st == 200, granted
+        bearer = {"Authorization": f"Bearer {granted['ticket']}"}
+        url = f"wss://127.0.0.1:{topology.haproxy.port}/ws/tcp/ticket-echo"
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+            # Round robin: these land on both replicas; every one must be accepted.
+            for i in range(6):
+                async with s.ws_connect(url, headers=bearer) as ws:
+                    payload = f"through the balancer {i}".encode()
+                    await ws.send_bytes(payload)
+                    got = b""
+                    async with asyncio.timeout(5):
+                        while len(got) < len(payload):
+                            msg = await ws.receive()
+                            assert msg.type is aiohttp.WSMsgType.BINARY, msg
+                            got += msg.data
+                    assert got == payload
+            # Sign out through the balancer: the ticket is dead on both replicas at once.
+            st, _ = await call(s, "POST", f"{topology.balanced_url}/cli/v1/logout", {}, headers=bearer)
+            assert st == 204
+            started = time.monotonic()
+            for replica in (topology.a, topology.b, topology.a, topology.b):
+                while True:
+                    try:
+                        async with s.ws_connect(
+                            f"wss://127.0.0.1:{replica.public_port}/ws/tcp/ticket-echo", headers=bearer
+                        ):
+                            pass
+                    except aiohttp.WSServerHandshakeError as exc:
+                        assert exc.status == 401
+                        break
+                    assert time.monotonic() - started < PROPAGATION_LIMIT, "a replica still takes the ticket"
+                    await asyncio.sleep(0.02)
 
 
 async def test_database_down_fails_both_replicas_closed_and_both_recover(

@@ -40,9 +40,11 @@ from domum_gateway.model import (
 )
 from domum_gateway.store.base import (
     AuditFilter,
+    ConsoleSessionRecord,
     OtpIssue,
     OtpResult,
     RequestFilter,
+    SecretKind,
     SessionCreate,
     Store,
 )
@@ -610,6 +612,138 @@ async def test_max_sessions_is_exact_under_concurrency(backend: Backend) -> None
     await backend.store.end_session(live[0].id, "logout", T0, None)
     s, h = _session(req.id)
     assert await other.create_session(s, h, 3, _audit()) is SessionCreate.OK
+
+
+# --- session secrets and console sessions (issue 9: shared by every replica) -------------
+
+
+async def _live_session(store: Store) -> tuple[Session, str]:
+    w = await _world(store, new_id("w"))
+    req = await _request(store, w)
+    ses, digest = _session(req.id)
+    assert await store.create_session(ses, digest, 3, _audit("session.started", ses.id)) is SessionCreate.OK
+    return ses, digest
+
+
+async def test_session_secrets_expire_in_the_query_and_die_with_their_session(store: Store) -> None:
+    ses, digest = await _live_session(store)
+    soon, later = T0 + timedelta(minutes=1), T0 + timedelta(minutes=10)
+    assert await store.add_session_secret(SecretKind.TICKET, "t1", ses.id, T0, later)
+    assert await store.add_session_secret(
+        SecretKind.HOST_COOKIE, "c1", ses.id, T0, later, target_id="tgt_1", detail=None
+    )
+    found = await store.find_session_secret(SecretKind.TICKET, "t1", T0)
+    assert found is not None
+    assert (found.kind, found.session_id, found.session_hash, found.expires_at) == (
+        SecretKind.TICKET,
+        ses.id,
+        digest,
+        later,
+    )
+    cookie = await store.find_session_secret(SecretKind.HOST_COOKIE, "c1", soon)
+    assert cookie is not None and cookie.target_id == "tgt_1"
+    # The kind is part of the lookup: a ticket is no host cookie, and the reverse.
+    assert await store.find_session_secret(SecretKind.HOST_COOKIE, "t1", T0) is None
+    assert await store.find_session_secret(SecretKind.TICKET, "c1", T0) is None
+    assert await store.take_session_secret(SecretKind.HOST_CODE, "t1", T0) is None
+    # Expiry is enforced by the query itself, to the instant.
+    assert await store.find_session_secret(SecretKind.TICKET, "t1", later) is None
+    assert await store.find_session_secret(SecretKind.TICKET, "t1", later - timedelta(microseconds=1))
+    # Ending the session makes every secret of it worthless at once.
+    assert await store.end_session(ses.id, "logout", soon, None)
+    assert await store.find_session_secret(SecretKind.TICKET, "t1", soon) is None
+    assert await store.find_session_secret(SecretKind.HOST_COOKIE, "c1", soon) is None
+    assert not await store.add_session_secret(SecretKind.TICKET, "t2", ses.id, soon, later)
+    # ... and the sweep deletes them (and expired ones of live sessions).
+    other, _ = await _live_session(store)
+    assert await store.add_session_secret(SecretKind.TICKET, "t3", other.id, T0, soon)
+    assert await store.add_session_secret(SecretKind.TICKET, "t4", other.id, T0, later)
+    assert await store.purge_expired(soon) == 3  # t1, c1 (session ended), t3 (expired)
+    assert await store.find_session_secret(SecretKind.TICKET, "t4", soon) is not None
+    assert await store.drop_session_secrets(other.id, SecretKind.HOST_COOKIE) == 0
+    assert await store.drop_session_secrets(other.id) == 1
+    assert await store.find_session_secret(SecretKind.TICKET, "t4", soon) is None
+
+
+async def test_session_secrets_are_bounded_per_session(store: Store) -> None:
+    ses, _ = await _live_session(store)
+    short, long = T0 + timedelta(minutes=1), T0 + timedelta(minutes=10)
+    assert await store.add_session_secret(SecretKind.TICKET, "a", ses.id, T0, short, max_per_session=2)
+    assert await store.add_session_secret(SecretKind.TICKET, "b", ses.id, T0, long, max_per_session=2)
+    assert not await store.add_session_secret(SecretKind.TICKET, "c", ses.id, T0, long, max_per_session=2)
+    # Another kind has its own allowance.
+    assert await store.add_session_secret(SecretKind.HOST_CODE, "c", ses.id, T0, long, max_per_session=2)
+    # Once "a" expired it no longer counts (and is deleted on the way).
+    assert await store.add_session_secret(SecretKind.TICKET, "d", ses.id, short, long, max_per_session=2)
+    with pytest.raises(Conflict):  # same hash twice
+        await store.add_session_secret(SecretKind.TICKET, "d", ses.id, short, long)
+    assert not await store.add_session_secret(SecretKind.TICKET, "e", "ses_missing", T0, long)
+
+
+async def test_one_time_codes_are_taken_once_across_instances(backend: Backend) -> None:
+    ses, digest = await _live_session(backend.store)
+    other = await backend.replica()
+    stores = [backend.store, other]
+    end = T0 + timedelta(minutes=1)
+    for n in range(5):
+        code = f"code{n}"
+        assert await backend.store.add_session_secret(
+            SecretKind.HOST_CODE, code, ses.id, T0, end, target_id="tgt_w", detail="/next?x=1"
+        )
+        got = await asyncio.gather(
+            *(stores[i % 2].take_session_secret(SecretKind.HOST_CODE, code, T0) for i in range(10))
+        )
+        won = [g for g in got if g is not None]
+        assert len(won) == 1, got
+        assert (won[0].session_hash, won[0].target_id, won[0].detail) == (digest, "tgt_w", "/next?x=1")
+    # An expired code is refused, as is the code of an ended session.
+    assert await other.add_session_secret(SecretKind.HOST_CODE, "old", ses.id, T0, end)
+    assert await backend.store.take_session_secret(SecretKind.HOST_CODE, "old", end) is None
+    assert await other.add_session_secret(SecretKind.HOST_CODE, "late", ses.id, T0, end)
+    await backend.store.end_session(ses.id, "logout", T0, None)
+    assert await other.take_session_secret(SecretKind.HOST_CODE, "late", T0) is None
+
+
+def _console(sid_hash: str, at: datetime, owner: str = "tok") -> ConsoleSessionRecord:
+    return ConsoleSessionRecord(
+        sid_hash=sid_hash,
+        token_hash=owner,
+        token_name="admin",
+        role=Role.ADMIN,
+        created_at=at,
+        last_seen=at,
+        idle_until=at + timedelta(minutes=30),
+        expires_at=at + timedelta(hours=12),
+        state={},
+    )
+
+
+async def test_console_sessions_are_shared_bounded_and_expire(backend: Backend) -> None:
+    store = backend.store
+    other = await backend.replica()
+    await store.create_console_session(_console("s1", T0), 3)
+    found = await other.find_console_session("s1", T0 + timedelta(minutes=1))
+    assert found == _console("s1", T0)
+    state = {"notices": [["ok", "Saved ✓"]], "drafts": [["d", "req_1"]]}
+    t1 = T0 + timedelta(minutes=20)
+    assert await other.save_console_session("s1", t1, t1 + timedelta(minutes=30), state)
+    again = await store.find_console_session("s1", T0 + timedelta(minutes=45))
+    assert again is not None and again.state == state and again.last_seen == t1
+    # Idle and absolute limits are part of the query.
+    assert await store.find_console_session("s1", t1 + timedelta(minutes=30)) is None
+    assert await store.find_console_session("nope", T0) is None
+    assert not await store.save_console_session("nope", T0, T0, {})
+    # At most ``max_sessions``: the least recently used goes.
+    for n in range(2, 5):
+        await other.create_console_session(_console(f"s{n}", T0 + timedelta(seconds=n)), 3)
+    live = [h for h in ("s1", "s2", "s3", "s4") if await store.find_console_session(h, t1) is not None]
+    assert live == ["s1", "s3", "s4"], live
+    await store.create_console_session(_console("x", T0, owner="other"), 10)
+    assert await store.end_console_sessions_for_token("tok") == 3
+    assert await store.end_console_session("x")
+    assert not await store.end_console_session("x")
+    await store.create_console_session(_console("y", T0), 10)
+    assert await other.purge_expired(T0 + timedelta(hours=1)) == 1
 
 
 # --- audit chain ---------------------------------------------------------------------------

@@ -130,6 +130,23 @@ class PostgresServer:
             raise RuntimeError(f"createdb failed: {done.stderr.decode(errors='replace')}")
         return self.url(name)
 
+    def drop_database(self, url: str) -> None:
+        """Drop a test's database (best effort: the server may be down after a failed test)."""
+        if not self.running:
+            return
+        database = url.rsplit("/", 1)[1]
+        self._run(
+            str(PG_BIN / "dropdb"),
+            "--force",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "postgres",
+            database,
+        )
+
     def dump(self, url: str) -> bytes:
         """Everything stored in the database at ``url`` (``pg_dump`` of schema and data)."""
         database = url.rsplit("/", 1)[1]
@@ -157,8 +174,12 @@ def pg_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
-def pg_url(pg_server: PostgresServer) -> str:
-    """A fresh database on the session's server (isolation between tests)."""
+def pg_url(pg_server: PostgresServer) -> Iterator[str]:
+    """A fresh database on the session's server (isolation between tests), dropped after
+    the test: every gateway test runs on PostgreSQL too, and hundreds of leftover
+    databases cost gigabytes and a long teardown."""
     if not pg_server.running:  # a previous test stopped it and failed before restarting
         pg_server.start()
-    return pg_server.create_database()
+    url = pg_server.create_database()
+    yield url
+    pg_server.drop_database(url)

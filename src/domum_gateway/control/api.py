@@ -3,14 +3,20 @@
 Every route declares the least role it needs; the ``auth`` middleware resolves the Bearer
 token (stored only as a hash) before any handler runs, so a route without a role entry is
 unreachable (deny by default).
+
+One route also accepts the admin console's session cookie instead of a Bearer token: the
+live-watch websocket (``GET /api/v1/sessions/{id}/watch``), because browsers cannot set
+headers on a websocket. That path insists on the console cookie (never the public
+``__Host-domum`` one) and on a handshake from the admin listener's own origin.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -19,9 +25,11 @@ from ..auth.origin import normalise_address
 from ..auth.secrets import hash_secret
 from ..auth.windows import parse_instant
 from ..clock import Clock
-from ..errors import Forbidden, NotFound, Unauthorized, ValidationError
+from ..errors import Conflict, DomumError, Forbidden, NotFound, Unauthorized, ValidationError
 from ..model import ApiToken, RequestStatus, Role
 from ..store.base import AuditFilter, RequestFilter, Store
+from .console_session import COOKIE as CONSOLE_COOKIE
+from .console_web import same_origin_socket, viewer_of
 from .evidence import EvidenceBuilder
 from .fields import Reader, read_json
 from .openapi import build_openapi
@@ -43,6 +51,33 @@ __all__ = ["API_TOKEN", "ApiContext", "add_api_routes", "api_auth_middleware"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 API_TOKEN = web.RequestKey("api_token", ApiToken)
+_VIA_CONSOLE = web.RequestKey("api_via_console", bool)
+
+log = logging.getLogger("domum.api")
+
+
+class LiveFeed(Protocol):
+    """One watcher of a live terminal (``proxy/watch.py``), as the API drives it."""
+
+    async def relay(self, ws: web.WebSocketResponse) -> str: ...
+
+    async def close(self, ws: web.WebSocketResponse) -> None: ...
+
+    def leave(self) -> None: ...
+
+
+class LiveWatch(Protocol):
+    """The live terminals of this process that auditors can watch (``proxy/watch.py``)."""
+
+    def subscribe(self, connection_id: str, name: str, role: str) -> LiveFeed: ...
+
+    def shutdown(self, reason: str) -> None: ...
+
+
+class WebsocketRequired(DomumError):
+    status = 426
+    type = "websocket-required"
+    title = "Websocket required"
 
 
 class ApiContext:
@@ -67,6 +102,8 @@ class ApiContext:
         # proxied websockets); handed over by the composition root.
         self.connections: Callable[[], list[dict[str, Any]]] = list
         self.cut_connection: Callable[[str, str], bool] = lambda _id, _reason: False
+        # Read-only live view of browser terminals; None where terminals are not served.
+        self.watch: LiveWatch | None = None
 
 
 CTX = web.AppKey("api_ctx", ApiContext)
@@ -96,9 +133,13 @@ async def api_auth_middleware(request: web.Request, handler: Handler) -> web.Str
     if not request.path.startswith("/api/"):
         return await handler(request)
     ctx = request.app[CTX]
-    token = await _resolve_token(ctx.store, request.headers.get("Authorization"))
     resource = request.match_info.route.resource
     canonical = resource.canonical if resource is not None else None
+    header = request.headers.get("Authorization")
+    if header is None and (request.method, canonical) in _COOKIE_ROUTES:
+        token = await _console_token(request)
+    else:
+        token = await _resolve_token(ctx.store, header)
     need = ctx.roles.get((request.method, canonical)) if canonical else None
     if need is None and request.method == "HEAD" and canonical:
         need = ctx.roles.get(("GET", canonical))
@@ -111,9 +152,26 @@ async def api_auth_middleware(request: web.Request, handler: Handler) -> web.Str
     return await handler(request)
 
 
+async def _console_token(request: web.Request) -> ApiToken:
+    """The API token behind the admin console's session cookie, for the cookie routes."""
+    if not request.cookies.get(CONSOLE_COOKIE):
+        raise Unauthorized(
+            "Send an API token as 'Authorization: Bearer <token>', or open this from the admin console."
+        )
+    if not same_origin_socket(request):
+        log.info("api.console_cookie_refused origin=%r", request.headers.get("Origin", "")[:200])
+        raise Forbidden("The admin console's session can only be used from the admin console's own pages.")
+    viewer = await viewer_of(request)
+    if viewer is None:
+        raise Unauthorized("The admin console session has ended; sign in again.")
+    request[_VIA_CONSOLE] = True
+    return viewer.token
+
+
 def actor_of(request: web.Request) -> Actor:
     token = request[API_TOKEN]
-    return Actor(f"token:{token.name}", request.remote or "")
+    via = "console" if request.get(_VIA_CONSOLE) else "token"
+    return Actor(f"{via}:{token.name}", request.remote or "")
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -296,7 +354,8 @@ async def create_request(request: web.Request) -> web.Response:
 
 
 async def list_requests(request: web.Request) -> web.Response:
-    status_raw = _query_str(request, "status", 20)
+    # Not _query_str: an empty ``status=`` is a wrong value, not "no filter".
+    status_raw = request.query.get("status")
     status = None
     if status_raw is not None:
         try:
@@ -384,6 +443,78 @@ async def delete_session(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def watch_session(request: web.Request) -> web.StreamResponse:
+    """Watch a browser SSH terminal live, read-only, over a websocket; nothing is kept.
+
+    ``{id}`` is the terminal's connection id (``con_...``) or the id of a session with
+    exactly one terminal open. The first text frame is ``{"type": "size", "cols", "rows"}``
+    (again on every resize), then binary frames carry what the user's terminal shows from
+    now on. What the watcher sends is ignored. The user sees a line naming the watcher
+    when watching starts and stops; both are audit events.
+    """
+    ctx = _ctx(request)
+    token = request[API_TOKEN]
+    actor = actor_of(request)
+    if ctx.watch is None:
+        raise NotFound("Live watch is not available on this gateway.")
+    conn = _watched(ctx.connections(), request.match_info["id"])
+    cid = str(conn["id"])
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=4096, compress=False)
+    if not ws.can_prepare(request).ok:
+        raise WebsocketRequired("Open this URL as a websocket: it is a live, read-only view of a terminal.")
+    feed = ctx.watch.subscribe(cid, token.name, token.role.value)
+    details: dict[str, Any] = {
+        "session_id": conn["session_id"],
+        "request_id": conn["request_id"],
+        "user_id": conn["user_id"],
+        "target": conn["target"],
+        "role": token.role.value,
+        "via": "console" if request.get(_VIA_CONSOLE) else "api",
+    }
+    try:
+        # Fail closed: a watch that cannot be audited does not start.
+        await ctx.store.append_audit(actor.entry("session.watch.started", cid, details=details))
+        await ws.prepare(request)
+    except BaseException:
+        feed.leave()
+        raise
+    reason = "the watch ended"
+    try:
+        reason = await feed.relay(ws)
+    finally:
+        feed.leave()
+        try:
+            await ctx.store.append_audit(
+                actor.entry("session.watch.stopped", cid, details={**details, "reason": reason})
+            )
+        except DomumError as exc:
+            log.warning("api.watch_stop_not_audited connection=%s detail=%s", cid, exc.detail)
+    await feed.close(ws)  # after the audit event, so whoever sees the close finds it there
+    return ws
+
+
+def _watched(connections: list[dict[str, Any]], ref: str) -> dict[str, Any]:
+    """The browser terminal ``ref`` names (its connection id, or its session's id)."""
+    for conn in connections:
+        if conn["id"] == ref:
+            if conn["protocol"] != "ssh-terminal":
+                raise Conflict(
+                    f"Only browser SSH terminals can be watched; {ref} is a {conn['protocol']} "
+                    "connection, whose content the gateway does not show."
+                )
+            return conn
+    mine = [c for c in connections if c["session_id"] == ref]
+    terminals = [c for c in mine if c["protocol"] == "ssh-terminal"]
+    if len(terminals) == 1:
+        return terminals[0]
+    if terminals:
+        ids = ", ".join(str(c["id"]) for c in terminals)
+        raise Conflict(f"This session has {len(terminals)} terminals open; watch one by its id: {ids}.")
+    if mine:
+        raise Conflict("This session has no browser SSH terminal open; only those can be watched.")
+    raise NotFound("No live terminal, connection or session with this id on this gateway.")
+
+
 # audit -----------------------------------------------------------------------
 async def list_audit(request: web.Request) -> web.Response:
     since_raw = _query_str(request, "since", 64)
@@ -435,6 +566,9 @@ async def openapi(request: web.Request) -> web.Response:
     return _json(build_openapi())
 
 
+_COOKIE_ROUTES = frozenset({("GET", "/api/v1/sessions/{id}/watch")})
+"""Routes that also accept the admin console's session cookie (see the module docstring)."""
+
 ROUTES: list[tuple[str, str, Handler, Role]] = [
     ("GET", "/api/v1/openapi.json", openapi, Role.AUDITOR),
     ("POST", "/api/v1/groups", create_group, Role.ADMIN),
@@ -465,6 +599,7 @@ ROUTES: list[tuple[str, str, Handler, Role]] = [
     ("GET", "/api/v1/access-requests/{id}/evidence", request_evidence, Role.AUDITOR),
     ("GET", "/api/v1/sessions", list_sessions, Role.AUDITOR),
     ("DELETE", "/api/v1/sessions/{id}", delete_session, Role.AUDITOR),
+    ("GET", "/api/v1/sessions/{id}/watch", watch_session, Role.AUDITOR),
     ("GET", "/api/v1/audit", list_audit, Role.AUDITOR),
     ("POST", "/api/v1/explain", explain, Role.AUDITOR),
 ]
@@ -478,3 +613,10 @@ def add_api_routes(
     for method, path, handler, role in [*ROUTES, *(extra or [])]:
         app.router.add_route(method, path, handler)
         ctx.roles[(method, path)] = role
+
+    async def close_watchers(app: web.Application) -> None:
+        watch = app[CTX].watch
+        if watch is not None:
+            watch.shutdown("the gateway is shutting down")
+
+    app.on_shutdown.append(close_watchers)

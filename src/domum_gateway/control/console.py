@@ -14,6 +14,8 @@ Routes (least role in brackets; every POST carries the session's CSRF token):
 - ``/admin/groups``, ``/admin/users``, ``/admin/reasons``, ``/admin/targets``: list
   [auditor]; ``new``, ``{id}`` edit and ``{id}/delete`` [admin]
 - ``/admin/sessions`` [auditor], ``/admin/sessions/{id}/terminate`` POST [auditor, as in the API]
+- ``/admin/sessions/{id}/watch`` [auditor]: a read-only live view of a browser SSH terminal
+  (``con_...``), fed by the ``/api/v1/sessions/{id}/watch`` websocket with the console cookie
 - ``/admin/audit`` with filters and ``/admin/audit/verify`` [auditor]
 - ``/admin/static/{name}`` (none)
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 import secrets
 from datetime import datetime
+from typing import Any
 
 from aiohttp import web
 
@@ -33,6 +36,7 @@ from ..clock import Clock
 from ..errors import FieldError, Forbidden, NotFound, ValidationError
 from ..model import Role
 from ..store.base import AuditFilter, Store
+from .api import CTX as API_CTX
 from .console_catalog import CATALOG_ROUTES
 from .console_forms import ErrorView, Slot, read_form
 from .console_requests import REQUEST_ROUTES
@@ -85,7 +89,7 @@ async def _login_page(request: web.Request, error: str = "", status: int = 200) 
 
 async def login_form(request: web.Request) -> web.Response:
     ctx = request.app[CONSOLE]
-    session = ctx.sessions.find(request.cookies.get(COOKIE))
+    session = await ctx.sessions.find(request.cookies.get(COOKIE))
     if session is not None and await ctx.store.find_api_token(session.token_hash) is not None:
         return redirect(safe_next(request.query.get("next")))
     return await _login_page(request)
@@ -106,8 +110,8 @@ async def login(request: web.Request) -> web.Response:
     if token is None:
         log.info("console.signin_refused origin=%s", request.remote or "")
         return await _login_page(request, "That token is not valid, or it was revoked.", 401)
-    ctx.sessions.end(request.cookies.get(COOKIE))  # never reuse a session id from before sign-in
-    sid, _ = ctx.sessions.create(digest, token.name, token.role)
+    await ctx.sessions.end(request.cookies.get(COOKIE))  # never reuse a session id from before sign-in
+    sid, _ = await ctx.sessions.create(digest, token.name, token.role)
     actor = Actor(f"console:{token.name}", request.remote or "")
     await ctx.store.append_audit(
         actor.entry("console.signed_in", f"token:{token.name}", details={"role": token.role.value})
@@ -121,7 +125,7 @@ async def login(request: web.Request) -> web.Response:
 async def logout(request: web.Request) -> web.Response:
     ctx = request.app[CONSOLE]
     viewer = request[VIEWER]
-    ctx.sessions.end(viewer.sid)
+    await ctx.sessions.end(viewer.sid)
     await ctx.store.append_audit(
         viewer.actor(request).entry("console.signed_out", f"token:{viewer.token.name}")
     )
@@ -152,6 +156,9 @@ async def list_sessions(request: web.Request) -> web.Response:
         if req is not None:
             requests[rid] = req
     users = {u.id: u.name for u in await ctx.store.list_users()}
+    terminals: dict[str, list[dict[str, Any]]] = {}
+    for conn in _terminals(request):
+        terminals.setdefault(str(conn["session_id"]), []).append(conn)
     return render(
         request,
         "sessions.html",
@@ -159,6 +166,34 @@ async def list_sessions(request: web.Request) -> web.Response:
         sessions=sessions,
         requests=requests,
         user_names=users,
+        terminals=terminals,
+    )
+
+
+def _terminals(request: web.Request) -> list[dict[str, Any]]:
+    """The browser SSH terminals live on this gateway (the only connections one can watch)."""
+    api = request.app.get(API_CTX)
+    if api is None:
+        return []
+    return [c for c in api.connections() if c["protocol"] == "ssh-terminal"]
+
+
+async def watch_page(request: web.Request) -> web.Response:
+    """A read-only live view of one browser SSH terminal."""
+    ctx = request.app[CONSOLE]
+    cid = request.match_info["id"]
+    conn = next((c for c in _terminals(request) if c["id"] == cid), None)
+    if conn is None:
+        raise NotFound("That terminal is not live on this gateway any more.")
+    user = await ctx.store.get_user(str(conn["user_id"]))
+    return render(
+        request,
+        "watch.html",
+        nav="sessions",
+        conn=conn,
+        user_name=user.name if user is not None else conn["user_id"],
+        socket_path=f"/api/v1/sessions/{cid}/watch",
+        assets="xterm.mjs" in ctx.static,
     )
 
 
@@ -260,6 +295,7 @@ ROUTES: list[tuple[str, str, Handler, Role | None]] = [
     *CATALOG_ROUTES,
     ("GET", "/admin/sessions", list_sessions, Role.AUDITOR),
     ("POST", "/admin/sessions/{id}/terminate", terminate_session, Role.AUDITOR),
+    ("GET", "/admin/sessions/{id}/watch", watch_page, Role.AUDITOR),
     ("GET", "/admin/audit", audit, Role.AUDITOR),
     ("GET", "/admin/audit/verify", verify, Role.AUDITOR),
 ]
@@ -278,7 +314,7 @@ def add_console_routes(
 
     Returns the console's context (its session table is ``.sessions``).
     """
-    ctx = ConsoleContext(store, service, clock, sessions or ConsoleSessions(clock), evidence)
+    ctx = ConsoleContext(store, service, clock, sessions or ConsoleSessions(store, clock), evidence)
     app[CONSOLE] = ctx
     for method, path, handler, role in ROUTES:
         wrapped = guard(handler, role)

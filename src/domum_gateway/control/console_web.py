@@ -45,8 +45,10 @@ __all__ = [
     "redirect",
     "render",
     "safe_next",
+    "same_origin_socket",
     "secure",
     "static_response",
+    "viewer_of",
 ]
 
 log = logging.getLogger("domum.console")
@@ -69,8 +71,16 @@ _HEADERS = {
 _STATIC_TYPES = {
     ".css": "text/css",
     ".js": "text/javascript",
+    ".mjs": "text/javascript",
     ".svg": "image/svg+xml",
 }
+# Shared with the public terminal page, served under /admin/static/ for the live-watch view:
+# xterm.js from npm (``make assets``) and the module that keeps it within the strict CSP.
+_SHARED_STATIC = (
+    ("vendor", "xterm", "xterm.mjs"),
+    ("vendor", "xterm", "xterm.css"),
+    ("terminal", "csp-styles.js"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +159,13 @@ def _load_static() -> dict[str, tuple[bytes, str, str]]:
             body = entry.read_bytes()
             etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
             out[entry.name] = (body, _STATIC_TYPES[suffix], etag)
+    static = resources.files("domum_gateway").joinpath("static")
+    for parts in _SHARED_STATIC:
+        entry = static.joinpath(*parts)
+        if entry.is_file():
+            body = entry.read_bytes()
+            etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+            out[entry.name] = (body, _STATIC_TYPES["." + entry.name.rsplit(".", 1)[-1]], etag)
     return out
 
 
@@ -215,14 +232,43 @@ def _rank(role: Role) -> int:
 
 async def _viewer(ctx: ConsoleContext, request: web.Request) -> Viewer | None:
     sid = request.cookies.get(COOKIE)
-    session = ctx.sessions.find(sid)
+    session = await ctx.sessions.find(sid)
     if session is None or sid is None:
         return None
     token = await ctx.store.find_api_token(session.token_hash)
     if token is None:  # revoked since sign-in: the console session ends with it
-        ctx.sessions.end_for_token(session.token_hash)
+        await ctx.sessions.end_for_token(session.token_hash)
         return None
     return Viewer(sid, session, token)
+
+
+async def viewer_of(request: web.Request) -> Viewer | None:
+    """The console's signed-in viewer behind ``request``'s console cookie, if any.
+
+    For the few routes outside ``/admin`` that also accept the console's session (the
+    live-watch websocket, which a browser cannot send a Bearer header on); pair it with
+    :func:`same_origin_socket`, since such a route has no CSRF token.
+    """
+    ctx = request.app.get(CONSOLE)
+    if ctx is None:
+        return None
+    return await _viewer(ctx, request)
+
+
+def same_origin_socket(request: web.Request) -> bool:
+    """Whether a websocket handshake comes from a page of this very origin.
+
+    SameSite=Strict does not stop a same-site page on another port (the public listener,
+    or an app proxied through it) from opening a websocket here with the console cookie
+    attached, and websockets are not bound by CORS: the Origin must be present and be
+    exactly this listener's own, and Fetch Metadata, when sent, must say same-origin.
+    """
+    if request.headers.get("Sec-Fetch-Site", "same-origin") != "same-origin":
+        return False
+    origin = request.headers.get("Origin")
+    if not origin or origin == "null":
+        return False
+    return origin.lower() == f"{request.scheme}://{request.host}".lower()
 
 
 def _same_origin(request: web.Request) -> bool:
@@ -263,6 +309,14 @@ def guard(handler: Handler, role: Role | None) -> Handler:
                 detail=f"Something went wrong on our side. Quote correlation id {cid} to your administrator.",
                 back="/admin/requests",
             )
+        viewer = request.get(VIEWER)
+        if viewer is not None:
+            # Notices and drafts go back to the shared store before the answer leaves, so
+            # the next request finds them whichever replica it reaches.
+            try:
+                await ctx.sessions.save(viewer.session)
+            except DomumError as exc:
+                log.warning("console.session_not_saved detail=%s", exc.detail)
         return secure(resp)
 
     return wrapped

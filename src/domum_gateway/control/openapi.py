@@ -270,6 +270,27 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
+def _patch_of(name: str, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A PATCH body: the create body with every field optional and no defaults (an omitted
+    field keeps its value); ``drop`` names fields that cannot be changed."""
+    schema = {k: v for k, v in _SCHEMAS[f"{name}Input"].items() if k != "required"}
+    schema["properties"] = {
+        k: {kk: vv for kk, vv in v.items() if kk != "default"}
+        for k, v in schema["properties"].items()
+        if k not in drop
+    }
+    return schema
+
+
+_SCHEMAS.update(
+    {
+        "GroupPatch": _patch_of("Group"),
+        "UserPatch": _patch_of("User", drop=("group_id",)),
+        "TargetPatch": _patch_of("Target"),
+    }
+)
+
+
 def _list_of(name: str) -> dict[str, Any]:
     return {
         "type": "object",
@@ -310,6 +331,7 @@ def _op(
     for code in errors:
         responses[str(code)] = _problem(
             {
+                400: "a query parameter is malformed (e.g. a cursor that is not valid)",
                 404: "not found",
                 409: "state conflict",
                 502: "message delivery failed",
@@ -317,6 +339,10 @@ def _op(
                 503: "storage unavailable",
             }[code]
         )
+    # Any parameter can carry a character the store refuses (NUL, on PostgreSQL).
+    responses.setdefault(
+        "400", _problem("malformed request: a parameter holds a character that cannot be used")
+    )
     responses.setdefault("503", _problem("storage unavailable"))
     op: dict[str, Any] = {
         "summary": summary,
@@ -359,7 +385,7 @@ def _crud(
             f"Change a {noun[:-1]}",
             "admin",
             _ok("200", "changed", _ref(schema)),
-            body=f"{schema}Input",
+            body=f"{schema}Patch",
             params=_ID,
             errors=(404, 409),
         )
@@ -390,6 +416,7 @@ def build_openapi() -> dict[str, Any]:
         *_ID,
         _q("erase", {"type": "boolean"}, "keep the record but erase name, e-mail and phone"),
     ]
+    paths["/api/v1/users/{id}"]["delete"]["responses"]["422"] = _problem("invalid query parameter")
     paths["/api/v1/users/{id}/export"] = {
         "get": _op(
             "Everything held about one user: record, requests, sessions, audit events",
@@ -423,7 +450,7 @@ def build_openapi() -> dict[str, Any]:
                 _q("group_id", {"type": "string"}, "filter"),
                 *_PAGE,
             ],
-            errors=(422,),
+            errors=(400, 422),
         ),
     }
     paths["/api/v1/access-requests/{id}"] = {
@@ -479,6 +506,37 @@ def build_openapi() -> dict[str, Any]:
             errors=(404,),
         ),
     }
+    watch = _op(
+        "Watch a browser SSH terminal live, read-only (websocket; nothing is recorded)",
+        "auditor",
+        _ok(
+            "101",
+            "websocket: a text frame {type: size, cols, rows} (again on every resize), then binary "
+            "frames with what the user's terminal shows from now on; input is ignored. Closes 1000 "
+            "when the SSH session ends, 1008 with the reason when it is cut or the watcher falls behind",
+            None,
+        ),
+        params=[
+            {
+                "name": "id",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string"},
+                "description": "con_... of an ssh-terminal connection, or ses_... with one terminal",
+            }
+        ],
+        errors=(404, 409),
+    )
+    watch["description"] = (
+        "The user sees a line naming the watcher when watching starts and stops; both are audit "
+        "events (session.watch.started, session.watch.stopped). Browsers may authenticate with the "
+        "admin console's session cookie instead of a Bearer token, from the admin listener's own "
+        "origin only."
+    )
+    watch["responses"]["403"] = _problem("the console cookie was sent from another origin")
+    watch["responses"]["426"] = _problem("not a websocket handshake")
+    watch["security"] = [{"bearer": []}, {"console": []}]
+    paths["/api/v1/sessions/{id}/watch"] = {"get": watch}
     paths["/api/v1/audit"] = {
         "get": _op(
             "Audit events in chain order",
@@ -490,7 +548,7 @@ def build_openapi() -> dict[str, Any]:
                 _q("request_id", {"type": "string"}, "events of one request"),
                 *_PAGE,
             ],
-            errors=(422,),
+            errors=(400, 422),
         ),
     }
     paths["/api/v1/explain"] = {
@@ -512,7 +570,10 @@ def build_openapi() -> dict[str, Any]:
         "servers": [{"url": "/"}],
         "components": {
             "schemas": _SCHEMAS,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "console": {"type": "apiKey", "in": "cookie", "name": "__Host-domum-admin"},
+            },
         },
         "paths": paths,
     }

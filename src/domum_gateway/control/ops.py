@@ -29,6 +29,7 @@ def add_ops_routes(app: web.Application, store: Store, metrics: Metrics) -> None
         return web.json_response({"status": "ready", "store": store.kind})
 
     async def metrics_view(_: web.Request) -> web.Response:
+        await metrics.refresh()  # values counted in the store (domum_grants_active)
         resp = web.Response(body=metrics.render())
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp

@@ -1,4 +1,11 @@
-"""Background housekeeping: mark ended windows expired and cut what they allowed."""
+"""Background housekeeping: mark ended windows expired and cut what they allowed.
+
+Live connections are cut at a window's end by the session manager's per-grant timer;
+this tick records the expiry in the store (and tells other replicas). The scheduler
+also counts ``domum_grants_active`` from the store before each scrape, and every
+``sweep_every`` deletes expired short-lived rows (tunnel tickets, host-mode codes and
+cookies, console sessions: ``Store.purge_expired``) so those tables stay bounded.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,9 @@ import logging
 import time
 
 from ..errors import DomumError
-from ..store.base import Store
+from ..metrics import Metrics
+from ..model import RequestStatus
+from ..store.base import RequestFilter, Store
 from .retention import Retention
 from .service import Actor, AdminService
 
@@ -27,6 +36,7 @@ class Scheduler:
         retention: Retention | None = None,
         interval: float = 15.0,
         purge_every: float = 3600.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._service = service
         self._store = store
@@ -34,7 +44,12 @@ class Scheduler:
         self._interval = interval
         self._purge_every = purge_every
         self._last_purge = float("-inf")
+        self.sweep_every = 60.0
+        self._last_sweep = float("-inf")
         self._task: asyncio.Task[None] | None = None
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.add_refresher(self.count_grants)
 
     def start(self) -> None:
         if self._task is None:
@@ -52,9 +67,43 @@ class Scheduler:
         if expired:
             log.info("scheduler.expired count=%d", len(expired))
         now = time.monotonic()
+        if now - self._last_sweep >= self.sweep_every:
+            self._last_sweep = now
+            gone = await self._store.purge_expired(self._service.clock.now())
+            if gone:
+                log.info("scheduler.purged_expired rows=%d", gone)
         if self._retention is not None and now - self._last_purge >= self._purge_every:
             self._last_purge = now
             await self._retention.purge(Actor("system:retention"))
+
+    async def active_grants(self) -> int:
+        """Forwarded requests whose window is open now, counted in the store (every replica's truth).
+
+        Only forwarded requests are read (revoked and expired ones never count), a page at
+        a time; a window that ended but is not yet marked expired does not count either.
+        """
+        now = self._service.clock.now()
+        count = 0
+        cursor: str | None = None
+        while True:
+            page = await self._store.list_requests(
+                RequestFilter(status=RequestStatus.FORWARDED, limit=500, cursor=cursor)
+            )
+            count += sum(1 for r in page.items if r.start <= now < r.end)
+            cursor = page.next_cursor
+            if cursor is None:
+                return count
+
+    async def count_grants(self) -> None:
+        """Set ``domum_grants_active`` (bounded: a slow store keeps the last value)."""
+        if self._metrics is None:
+            return
+        try:
+            count = await asyncio.wait_for(self.active_grants(), 5.0)
+        except (DomumError, TimeoutError) as exc:
+            log.warning("scheduler.grants_not_counted error=%s", type(exc).__name__)
+            return
+        self._metrics.grants_active.set(count)
 
     async def _run(self) -> None:
         while True:

@@ -122,12 +122,12 @@ class _CliApi:
         self.ctx.login.limit_client(str(peer))
         return peer
 
-    def _ticket_session(self, request: web.Request) -> tuple[str, LiveSession]:
+    async def _ticket_session(self, request: web.Request) -> tuple[str, LiveSession]:
         scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
         ticket = value.strip()
         if scheme.lower() != "bearer" or not ticket:
             raise _Unauthorized("Send the tunnel ticket: Authorization: Bearer <ticket>.")
-        live = self.service.tickets.lookup(ticket)
+        live = await self.service.tickets.lookup(ticket)
         if live is None:
             raise _Unauthorized(_TICKET_GONE)
         return ticket, live
@@ -159,7 +159,7 @@ class _CliApi:
             info = await self.ctx.login.resolve_link(body["link"])
             _cookie, live = await self.ctx.login.verify(info, body["token"], peer, str(peer))
             try:
-                ticket, expires = self.service.tickets.issue(live)
+                ticket, expires = await self.service.tickets.issue(live)
             except TooManyTickets:
                 raise TooManyRequests("The gateway is busy. Try again in a minute.", 60) from None
             targets = []
@@ -192,12 +192,12 @@ class _CliApi:
     async def renew(self, request: web.Request) -> web.Response:
         try:
             peer = self._guard(request)
-            _old, live = self._ticket_session(request)
+            _old, live = await self._ticket_session(request)
             decision = self.ctx.sessions.check(live, peer, None, activity=False)
             if isinstance(decision, Deny):
                 raise _Unauthorized(explain(decision.reason, live.grant))
             try:
-                ticket, expires = self.service.tickets.issue(live)
+                ticket, expires = await self.service.tickets.issue(live)
             except TooManyTickets:
                 raise TooManyRequests("The gateway is busy. Try again in a minute.", 60) from None
         except DomumError as exc:
@@ -209,7 +209,7 @@ class _CliApi:
     async def wait(self, request: web.Request) -> web.Response:
         try:
             self._guard(request)
-            _ticket, live = self._ticket_session(request)
+            _ticket, live = await self._ticket_session(request)
         except DomumError as exc:
             return _problem(exc)
         ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -234,8 +234,8 @@ class _CliApi:
     async def logout(self, request: web.Request) -> web.Response:
         try:
             peer = self._guard(request)
-            _ticket, live = self._ticket_session(request)
-            self.service.tickets.drop_session(live.id)
+            _ticket, live = await self._ticket_session(request)
+            await self.service.tickets.drop_session(live.id)
             await self.ctx.sessions.end(live, "signed out", f"user:{live.user_id}", str(peer))
         except DomumError as exc:
             return _problem(exc)

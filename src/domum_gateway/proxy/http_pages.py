@@ -20,6 +20,8 @@ __all__ = [
     "login_required",
     "not_found",
     "redirect",
+    "too_many",
+    "unavailable",
     "use_host",
 ]
 
@@ -119,6 +121,34 @@ def gateway_error(target: str, timeout: bool, xhr: bool) -> LocalResponse:
         [],
         xhr,
     )
+
+
+def unavailable(xhr: bool) -> LocalResponse:
+    """503: the gateway could not reach its database, so it refuses rather than guess."""
+    page = _page(
+        503,
+        "Service Unavailable",
+        "Temporarily unavailable",
+        "The gateway cannot check your sign-in right now. Try again in a moment.",
+        [],
+        xhr,
+    )
+    page.headers.append(b"Retry-After: 30")
+    return page
+
+
+def too_many(xhr: bool) -> LocalResponse:
+    """429: a flood of hand-overs from one session."""
+    page = _page(
+        429,
+        "Too Many Requests",
+        "Too many requests",
+        "Too many requests were made from this session. Wait a minute and try again.",
+        [],
+        xhr,
+    )
+    page.headers.append(b"Retry-After: 60")
+    return page
 
 
 def use_host(target: str, url: str, xhr: bool) -> LocalResponse:

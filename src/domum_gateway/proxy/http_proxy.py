@@ -17,9 +17,12 @@ Shape (see ``http_front`` for the connection protocol and ``upstream`` for targe
   303 to ``https://{name}.{domain}/__domum/enter?code=...&next=/x``; the code is
   random, single use, valid 60 s and bound to the session and the target. Redeeming it
   sets a host-only ``__Host-domum`` cookie whose value is a fresh secret valid for that
-  target only and only while the session lives. Codes and these per-target cookies
-  live in this process's memory (a restart or another replica asks the user to go
-  through the portal link again).
+  target only and only while the session lives. Codes and these per-target cookies are
+  kept in the store (``session_secrets``, SHA-256 hashes only), so a code minted on one
+  replica is redeemed on any other, exactly once across all of them (one ``DELETE ...
+  RETURNING``), and a host cookie works on every replica; each costs a store round trip
+  when minted, redeemed or first seen by a process, never per request after that. A
+  store error answers 503 (never a pass).
 * **Audit** is one ``proxy.first_use`` event per (session, target) and one event per
   websocket open and close, never one per request.
 * **Metrics**: ``domum_proxy_request_duration_seconds{target,status_class}`` (the
@@ -42,9 +45,11 @@ import ipaddress
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from email.utils import formatdate
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
@@ -60,6 +65,7 @@ from ..bus import Change, ChangeKind
 from ..errors import DomumError
 from ..model import Protocol as TargetProtocol
 from ..model import Target
+from ..store.base import SecretKind
 from . import http_pages as pages
 from .context import CTX, PublicContext
 from .http_fallback import serve_on_aiohttp
@@ -83,10 +89,13 @@ log = logging.getLogger("domum.proxy.http")
 access_log = logging.getLogger("domum.access")
 
 _CODE_TTL = 60.0
+_MAX_CODES_PER_SESSION = 100  # unexpired hand-over codes one session may hold (a flood)
+_MAX_HOST_COOKIES_PER_SESSION = 200
 _HEAD_TIMEOUT = 30.0
 _IDLE_TIMEOUT = 75.0
 _RELOAD_INTERVAL = 5.0  # per unknown target id named by a grant
 _MAX_KNOWN = 200_000
+_MAX_TRIED = 10_000  # names and target ids that triggered a route reload, remembered
 _UNKNOWN_TTL = 10.0
 _CLIENT_STALL = 60.0
 _LOOKUPS_PER_MINUTE = 600  # store lookups of unknown cookies per client address
@@ -113,14 +122,6 @@ class _Known:
     used: set[str] = field(default_factory=set)  # target ids already audited
     keys: list[bytes] = field(default_factory=list)  # cookie values (main and host mode)
     detach: Callable[[], None] | None = None
-
-
-@dataclass(eq=False, slots=True)
-class _Code:
-    known: _Known
-    target_id: str
-    next: str
-    expires: float
 
 
 class _Collector(Collector):
@@ -206,7 +207,6 @@ class HttpProxy:
         self._known: dict[bytes, _Known] = {}  # cookie value -> session
         self._by_session: dict[str, _Known] = {}  # session id -> its entry
         self._tickets: dict[bytes, str] = {}  # host-mode cookie value -> target id
-        self._codes: dict[str, _Code] = {}  # hash of a hand-over code -> its use
         self._unknown: dict[bytes, float] = {}  # cookie values the store did not know -> when
         self._lookups = RateLimiter(_LOOKUPS_PER_MINUTE, 60.0)
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -284,8 +284,6 @@ class HttpProxy:
         write_timeout = max(self.upstreams.read_timeout, _CLIENT_STALL)
         for front in list(self.fronts):
             front.sweep(now, _HEAD_TIMEOUT, _IDLE_TIMEOUT, write_timeout)
-        for key in [k for k, c in self._codes.items() if c.expires < now]:
-            del self._codes[key]
         for cookie in [k for k, t in self._unknown.items() if now - t >= _UNKNOWN_TTL]:
             del self._unknown[cookie]
         up, down = self._bytes_up, self._bytes_down
@@ -492,10 +490,16 @@ class HttpProxy:
         route = self.routes.get(name)
         path, sep, query = ex.url.partition(b"?")
         if path.startswith(b"/__domum/"):
-            if route is not None and path == b"/__domum/enter" and ex.method in (b"GET", b"HEAD"):
-                self._enter(ex, route, query)
-            else:
-                self._local(ex, pages.not_found(_wants_text(ex)))
+            if path == b"/__domum/enter" and ex.method in (b"GET", b"HEAD"):
+                if route is not None:
+                    self._enter(ex, route, query)
+                    return
+                if not ex.admit_flags & 2 and self._may_reload_for(name):
+                    # A code minted by another replica for a target created since this
+                    # process last loaded its routes: reload once, then admit again.
+                    self._pending(ex, None, reload=True)
+                    return
+            self._local(ex, pages.not_found(_wants_text(ex)))
             return
         try:
             path = check_app_path(path)
@@ -574,6 +578,17 @@ class HttpProxy:
             fresh = True
         return fresh
 
+    def _may_reload_for(self, name: bytes) -> bool:
+        """Whether an unknown host name may trigger a route reload (once per interval)."""
+        key = "host:" + name.decode("latin-1")
+        now = self.now()
+        if now - self._tried.get(key, -_RELOAD_INTERVAL) < _RELOAD_INTERVAL:
+            return False
+        if len(self._tried) >= _MAX_TRIED:
+            self._tried.clear()
+        self._tried[key] = now
+        return True
+
     def _allowed(self, ex: Exchange, known: _Known, route: Route, scan: RequestScan) -> bool:
         front = ex.front
         peer = front.peer
@@ -622,10 +637,7 @@ class HttpProxy:
     async def _resolve(self, ex: Exchange, cookie: bytes | None, reload: bool) -> None:
         try:
             if cookie is not None:
-                live = await self.sessions.lookup(cookie.decode("latin-1"))
-                if live is not None and not live.ended:
-                    self._remember(cookie, live)
-                else:
+                if not await self._look_up_cookie(cookie, ex.host_mode):
                     if len(self._unknown) >= _MAX_KNOWN:
                         self._unknown.clear()
                     self._unknown[cookie] = self.now()
@@ -639,6 +651,28 @@ class HttpProxy:
         self.admit(ex)
         if ex.state != PENDING:
             ex.front.admitted(ex)
+
+    async def _look_up_cookie(self, cookie: bytes, host_mode: bool) -> bool:
+        """Load a cookie this process has not seen: a host-mode cookie (on a target's own
+        host, maybe minted by another replica), else a session cookie. True when admitted
+        to the cache."""
+        text = cookie.decode("latin-1")
+        if host_mode:
+            found = await self.ctx.store.find_session_secret(
+                SecretKind.HOST_COOKIE, hash_secret(text), self.ctx.clock.now()
+            )
+            if found is not None:
+                live = await self.sessions.lookup_hash(found.session_hash)
+                if live is None or live.ended or found.target_id is None:
+                    return False
+                self._remember(cookie, live)
+                self._tickets[cookie] = found.target_id
+                return True
+        live = await self.sessions.lookup(text)
+        if live is None or live.ended:
+            return False
+        self._remember(cookie, live)
+        return True
 
     def _remember(self, cookie: bytes, live: LiveSession) -> _Known:
         known = self._by_session.get(live.id)
@@ -681,34 +715,116 @@ class HttpProxy:
     def host_url(self, name: str) -> str:
         return f"{self._scheme}://{name}.{self.domain}{self._port}"
 
+    def _after_store(self, ex: Exchange, step: Coroutine[Any, Any, Callable[[], None]]) -> None:
+        """Answer ``ex`` once ``step`` (store work) returns how to finish it (in memory)."""
+        ex.state = PENDING
+        self.spawned(asyncio.ensure_future(self._run_step(ex, step)))
+
+    async def _run_step(self, ex: Exchange, step: Coroutine[Any, Any, Callable[[], None]]) -> None:
+        try:
+            finish = await step
+        except DomumError as exc:
+            log.warning("proxy.host_mode_store_failed detail=%s", exc.detail)
+            finish = partial(self._local, ex, pages.unavailable(_wants_text(ex)))
+        if ex.state != PENDING:
+            return
+        finish()  # may start another step (the exchange stays pending)
+        if ex.state != PENDING:
+            ex.front.admitted(ex)
+
+    def _sign_in_again(self, ex: Exchange, route: Route) -> Callable[[], None]:
+        retry = f"{self._base_url}/t/{route.name}/"
+        return partial(
+            self._local, ex, pages.login_required(route.name, retry, self._portal, _wants_text(ex))
+        )
+
     def _hand_over(self, ex: Exchange, known: _Known, route: Route, rest: bytes) -> None:
         if ex.method not in (b"GET", b"HEAD") or ex.websocket:
             self._local(ex, pages.use_host(route.name, self.host_url(route.name) + "/", _wants_text(ex)))
             return
+        self._after_store(ex, self._mint_code(ex, known.live, route, rest.decode("latin-1")))
+
+    async def _mint_code(self, ex: Exchange, live: LiveSession, route: Route, nxt: str) -> Callable[[], None]:
+        """Store a one-time hand-over code (before the browser can take it to any replica)."""
         code = secrets.token_urlsafe(24)
-        nxt = rest.decode("latin-1")
-        self._codes[hash_secret(code)] = _Code(known, route.target_id, nxt, self.now() + _CODE_TTL)
+        now = self.ctx.clock.now()
+        stored = await self.ctx.store.add_session_secret(
+            SecretKind.HOST_CODE,
+            hash_secret(code),
+            live.id,
+            now,
+            now + timedelta(seconds=_CODE_TTL),
+            target_id=route.target_id,
+            detail=nxt,
+            max_per_session=_MAX_CODES_PER_SESSION,
+        )
+        if not stored:
+            if live.ended:
+                return self._sign_in_again(ex, route)
+            return partial(self._local, ex, pages.too_many(_wants_text(ex)))
         url = f"{self.host_url(route.name)}/__domum/enter?code={code}&next={quote(nxt, safe='')}"
-        self._local(ex, pages.redirect(303, url.encode()))
+        return partial(self._local, ex, pages.redirect(303, url.encode()))
 
     def _enter(self, ex: Exchange, route: Route, query: bytes) -> None:
         params = dict(parse_qsl(query.decode("latin-1")))
         code = params.get("code", "")
-        entry = self._codes.pop(hash_secret(code), None) if code else None
-        retry = f"{self._base_url}/t/{route.name}/"
-        if entry is None or entry.expires < self.now() or entry.target_id != route.target_id:
-            self._local(ex, pages.login_required(route.name, retry, self._portal, _wants_text(ex)))
+        if not code or len(code) > 64:
+            self._sign_in_again(ex, route)()
             return
-        known = entry.known
-        if known.live.ended:
-            self._local(ex, pages.login_required(route.name, retry, self._portal, _wants_text(ex)))
+        self._after_store(ex, self._take_code(ex, route, code))
+
+    async def _take_code(self, ex: Exchange, route: Route, code: str) -> Callable[[], None]:
+        """Spend the code (once, across every replica) and load its session."""
+        found = await self.ctx.store.take_session_secret(
+            SecretKind.HOST_CODE, hash_secret(code), self.ctx.clock.now()
+        )
+        if found is None or found.target_id != route.target_id:
+            return self._sign_in_again(ex, route)
+        live = await self.sessions.lookup_hash(found.session_hash)
+        if live is None or live.ended:
+            return self._sign_in_again(ex, route)
+        return partial(self._code_taken, ex, route, live, found.detail or "/")
+
+    def _code_taken(self, ex: Exchange, route: Route, live: LiveSession, nxt: str) -> None:
+        if live.ended:
+            self._sign_in_again(ex, route)()
             return
+        known = self._by_session.get(live.id)
+        if known is None or known.live is not live:
+            known = self._new_known(live)
         if not self._allowed(ex, known, route, RequestScan([])):
             return
-        nxt = entry.next
         if not nxt.startswith("/") or nxt.startswith("//") or "\\" in nxt:
             nxt = "/"
-        value = new_session_id().encode()
+        self._after_store(ex, self._mint_host_cookie(ex, route, known, nxt))
+
+    async def _mint_host_cookie(
+        self, ex: Exchange, route: Route, known: _Known, nxt: str
+    ) -> Callable[[], None]:
+        """Store the target host's cookie (valid while the session lives, at most until the
+        window ends) before the browser can present it to any replica."""
+        live = known.live
+        value = new_session_id()
+        now = self.ctx.clock.now()
+        stored = await self.ctx.store.add_session_secret(
+            SecretKind.HOST_COOKIE,
+            hash_secret(value),
+            live.id,
+            now,
+            max(live.grant.end, now + timedelta(seconds=_CODE_TTL)),
+            target_id=route.target_id,
+            max_per_session=_MAX_HOST_COOKIES_PER_SESSION,
+        )
+        if not stored:
+            if live.ended:
+                return self._sign_in_again(ex, route)
+            return partial(self._local, ex, pages.too_many(_wants_text(ex)))
+        return partial(self._host_cookie_set, ex, route, known, value.encode(), nxt)
+
+    def _host_cookie_set(self, ex: Exchange, route: Route, known: _Known, value: bytes, nxt: str) -> None:
+        if known.live.ended:
+            self._sign_in_again(ex, route)()
+            return
         self._remember(value, known.live)
         self._tickets[value] = route.target_id
         cookie = b"Set-Cookie: __Host-domum=%s; Path=/; Secure; HttpOnly; SameSite=Strict" % value

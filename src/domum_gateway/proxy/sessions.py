@@ -9,6 +9,12 @@ Connections register a closer with :meth:`SessionManager.attach`; when a session
 any reason (logout, revoke, window end, idle, terminate, address change) every closer is
 called with the reason, so websockets, tunnels and SSH channels end within the same tick.
 Window ends are timers (one per grant), not polling.
+
+Each cut of a registered connection is timed for ``domum_cutoff_seconds{cause}``: the
+session (or the connection, for ``terminate``) is stamped with the cause and the
+monotonic moment the cut was decided, and the observation is made when the
+connection's owner reports it closed (:meth:`SessionManager.close_connection`, called
+once its transport is gone), not when the close was requested.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -82,6 +89,9 @@ class LiveSession:
     # The bound address's country (GeoIP), looked up once: the address cannot change
     # without ending the session.
     country: str | None = None
+    # Why and when (time.monotonic) the session was cut: stamped before its closers run.
+    cut_cause: str = ""
+    cut_at: float = 0.0
 
     def facts(self) -> SessionFacts:
         return SessionFacts(address=self.address, last_seen=self.last_seen, ended=self.ended)
@@ -102,11 +112,23 @@ class Connection:
     bytes_out: int = 0  # from the target towards the user
     cut_reason: str | None = None
     counted: bool = True  # whether it counts in domum_sessions_active here (else its owner does)
+    cut_cause: str = ""  # the domum_cutoff_seconds label
+    cut_at: float = 0.0  # time.monotonic() when the cut was decided; 0: not cut
+    timed: bool = False  # its cut-off latency was observed
 
-    def cut(self, reason: str) -> None:
-        """Close the connection with ``reason`` (once)."""
+    def cut(self, reason: str, cause: str | None = None) -> None:
+        """Close the connection with ``reason`` (once).
+
+        Without ``cause`` the connection is cut with its session, whose stamp (cause and
+        moment) it takes; with one it is cut alone, now.
+        """
         if self.cut_reason is None:
             self.cut_reason = reason
+            live = self.session
+            if cause is None and live.cut_at:
+                self.cut_cause, self.cut_at = live.cut_cause, live.cut_at
+            else:
+                self.cut_cause, self.cut_at = cause or "other", time.monotonic()
             self.closer(reason)
 
 
@@ -163,7 +185,7 @@ class SessionManager:
             if entry.timer is not None:
                 entry.timer.cancel()
         for s in list(self._by_id.values()):
-            self._cut(s, "the gateway is shutting down")
+            self._cut(s, "the gateway is shutting down", "shutdown")
         with contextlib.suppress(DomumError):
             await self.flush()
         for task in list(self._tasks):
@@ -204,8 +226,14 @@ class SessionManager:
         entry.timer = loop.call_later(max(0.0, delay), self._window_ended, rid)
 
     def _window_ended(self, request_id: str) -> None:
-        for s in [s for s in self._by_id.values() if s.request_id == request_id]:
-            self._end_later(s, DenyReason.EXPIRED)
+        sessions = [s for s in self._by_id.values() if s.request_id == request_id]
+        if not sessions:
+            return
+        # The cut was decided at the window's end: a timer that fires late counts as late.
+        late = max(0.0, (self._clock.now() - sessions[0].grant.end).total_seconds())
+        at = time.monotonic() - late
+        for s in sessions:
+            self._end_later(s, DenyReason.EXPIRED, at)
 
     # sessions --------------------------------------------------------------------
     async def open(self, request: AccessRequest, address: IPAddress, origin: str) -> tuple[str, LiveSession]:
@@ -285,7 +313,7 @@ class SessionManager:
                 remaining += 1
                 continue
             if cached is not None:
-                self._cut(cached, _REASON_TEXT[DenyReason.SESSION_IDLE])
+                self._cut(cached, _REASON_TEXT[DenyReason.SESSION_IDLE], "idle")
             await self._store.end_session(
                 stored.id,
                 DenyReason.SESSION_IDLE.value,
@@ -313,7 +341,15 @@ class SessionManager:
         """The live session for a cookie value: memory first, the store once on a miss."""
         if not cookie or len(cookie) > 128:
             return None
-        digest = hash_secret(cookie)
+        return await self.lookup_hash(hash_secret(cookie))
+
+    async def lookup_hash(self, digest: str) -> LiveSession | None:
+        """The live session whose cookie hashes to ``digest``: memory first, then the store.
+
+        For credentials that name a session instead of carrying its cookie (tunnel tickets,
+        host-mode cookies; ``SessionSecret.session_hash``), possibly minted by another
+        replica: a session this process has not loaded yet is loaded here by its hash.
+        """
         live = self._by_hash.get(digest)
         if live is not None:
             return None if live.ended else live
@@ -412,7 +448,17 @@ class SessionManager:
         return conn
 
     def close_connection(self, conn: Connection) -> None:
-        """Forget a connection that ended (idempotent)."""
+        """The owner's report that a connection has ended, its transport gone (idempotent).
+
+        A connection that was cut has its cut-off latency observed here, once.
+        """
+        self._forget(conn)
+        if conn.cut_at and not conn.timed:
+            conn.timed = True
+            self._metrics.cutoff.labels(conn.cut_cause).observe(max(0.0, time.monotonic() - conn.cut_at))
+
+    def _forget(self, conn: Connection) -> None:
+        """Drop a connection from the live registry (it is ending or has ended)."""
         if self._connections.pop(conn.id, None) is not None:
             conn.session.closers.discard(conn.cut)
             if conn.counted:
@@ -423,8 +469,8 @@ class SessionManager:
         conn = self._connections.get(connection_id)
         if conn is None:
             return False
-        self.close_connection(conn)
-        conn.cut(reason)
+        self._forget(conn)
+        conn.cut(reason, "terminate")
         return True
 
     def connections(self, session_id: str | None = None) -> list[Connection]:
@@ -448,10 +494,16 @@ class SessionManager:
             for c in self._connections.values()
         ]
 
-    async def end(self, live: LiveSession, reason: str, actor: str, origin: str = "") -> None:
-        """End a session now (logout, terminate) and cut its connections."""
+    async def end(
+        self, live: LiveSession, reason: str, actor: str, origin: str = "", *, cause: str | None = None
+    ) -> None:
+        """End a session now (logout, terminate) and cut its connections.
+
+        ``cause`` labels the cut-off; by default ``logout`` when the user ends it, else
+        ``terminate``.
+        """
         self._ending.add(live.hash)
-        self._cut(live, reason)
+        self._cut(live, reason, cause or ("logout" if actor.startswith("user:") else "terminate"))
         await self._store.end_session(
             live.id,
             reason,
@@ -474,10 +526,12 @@ class SessionManager:
         return self._by_id.get(session_id)
 
     # internals -------------------------------------------------------------------
-    def _cut(self, live: LiveSession, reason: str) -> None:
+    def _cut(self, live: LiveSession, reason: str, cause: str, at: float | None = None) -> None:
+        """End ``live`` in memory and cut its connections (``at``: when it was decided)."""
         if not live.ended:
             live.ended = True
             live.end_reason = reason
+            live.cut_cause, live.cut_at = cause, at if at is not None else time.monotonic()
             self._metrics.sessions_active.labels("web").dec()
         self._by_hash.pop(live.hash, None)
         self._by_id.pop(live.id, None)
@@ -489,13 +543,13 @@ class SessionManager:
                 log.exception("sessions.closer_failed session=%s", live.id)
         live.closers.clear()
         for conn in [c for c in self._connections.values() if c.session is live]:
-            self.close_connection(conn)
+            self._forget(conn)  # observed when its owner reports it closed
 
-    def _end_later(self, live: LiveSession, reason: DenyReason) -> None:
+    def _end_later(self, live: LiveSession, reason: DenyReason, at: float | None = None) -> None:
         """Cut now (synchronously), record the end in the store in the background."""
         text = _REASON_TEXT.get(reason, reason.value)
         self._ending.add(live.hash)
-        self._cut(live, text)
+        self._cut(live, text, _CAUSE.get(reason, "other"), at)
         self._spawn(self._record_end(live, reason))
 
     async def _record_end(self, live: LiveSession, reason: DenyReason) -> None:
@@ -525,15 +579,17 @@ class SessionManager:
         task.add_done_callback(self._tasks.discard)
 
     def _on_change(self, change: Change) -> None:
+        at = time.monotonic()  # the decision reaches this process now
         if change.kind is ChangeKind.REQUEST:
             entry = self._grants.pop(change.id, None)
             if entry is not None and entry.timer is not None:
                 entry.timer.cancel()
-            self._spawn(self._recheck_request(change.id, change.reason))
+            self._spawn(self._recheck_request(change.id, change.reason, at))
         elif change.kind is ChangeKind.SESSION:
             live = self._by_id.get(change.id)
             if live is not None:
-                self._cut(live, change.reason or "the session was ended")
+                cause = "terminate" if change.reason.startswith("terminated") else "logout"
+                self._cut(live, change.reason or "the session was ended", cause, at)
         elif change.kind in (ChangeKind.GROUP, ChangeKind.TARGET, ChangeKind.USER):
             # Policies changed: drop every cached grant; sessions re-check on next use.
             affected = {s.request_id for s in self._by_id.values()}
@@ -542,9 +598,9 @@ class SessionManager:
                     entry.timer.cancel()
             self._grants.clear()
             for rid in affected:
-                self._spawn(self._recheck_request(rid, change.reason))
+                self._spawn(self._recheck_request(rid, change.reason, at))
 
-    async def _recheck_request(self, request_id: str, reason: str) -> None:
+    async def _recheck_request(self, request_id: str, reason: str, at: float) -> None:
         sessions = [s for s in self._by_id.values() if s.request_id == request_id]
         if not sessions:
             return
@@ -554,11 +610,13 @@ class SessionManager:
             entry = None  # fail closed: the store cannot vouch for the grant
         for s in sessions:
             if entry is None:
-                self._cut(s, reason or "access could not be confirmed")
+                self._cut(s, reason or "access could not be confirmed", "unconfirmed", at)
                 continue
             s.grant, s.origins = entry.grant, entry.origins
-            if entry.grant.status in (RequestStatus.REVOKED, RequestStatus.EXPIRED):
-                self._cut(s, reason or _REASON_TEXT[DenyReason.REVOKED])
+            if entry.grant.status is RequestStatus.REVOKED:
+                self._cut(s, reason or _REASON_TEXT[DenyReason.REVOKED], "revoke", at)
+            elif entry.grant.status is RequestStatus.EXPIRED:
+                self._cut(s, reason or _REASON_TEXT[DenyReason.EXPIRED], "window_end", at)
 
     async def flush(self) -> None:
         if not self._dirty:
@@ -574,6 +632,18 @@ class SessionManager:
             except DomumError as exc:
                 log.warning("sessions.flush_failed detail=%s", exc.detail)
 
+
+_CAUSE = {
+    DenyReason.EXPIRED: "window_end",
+    DenyReason.REVOKED: "revoke",
+    DenyReason.SESSION_IDLE: "idle",
+    DenyReason.SESSION_ENDED: "logout",
+    DenyReason.ADDRESS_CHANGED: "address_change",
+    DenyReason.NOT_FORWARDED: "revoke",
+    DenyReason.ORIGIN_DENIED: "origin",
+    DenyReason.COUNTRY_DENIED: "origin",
+}
+"""The ``domum_cutoff_seconds`` cause of each session-ending denial (else ``other``)."""
 
 _REASON_TEXT = {
     DenyReason.EXPIRED: "the access window has ended",

@@ -51,6 +51,7 @@ from .ssh_common import (
     audit,
     parse_host_key,
 )
+from .watch import Channel, WatchHub
 
 __all__ = ["WARN_BEFORE", "LineEditor", "SignInFirst", "TerminalRefused", "add_terminal_routes"]
 
@@ -111,13 +112,19 @@ class _Registry:
 
 
 _LIVE = web.AppKey("ssh_terminals", _Registry)
+_HUB = web.AppKey("ssh_watch_hub", WatchHub)
 
 
-def add_terminal_routes(app: web.Application) -> None:
-    """Register the terminal page, its websocket and its static files on the public app."""
+def add_terminal_routes(app: web.Application, watch: WatchHub | None = None) -> None:
+    """Register the terminal page, its websocket and its static files on the public app.
+
+    ``watch`` is the hub auditors watch terminals through (``proxy/watch.py``); the
+    composition root shares it with the admin listener.
+    """
     ctx = app[CTX]
     app[_TARGETS] = SshTargets(ctx.store, ctx.bus)
     app[_LIVE] = _Registry()
+    app[_HUB] = watch if watch is not None else WatchHub()
     app.router.add_get("/ssh/{target}", _page)
     app.router.add_get("/ws/ssh/{target}", _socket)
     app.router.add_static("/static/terminal/", _STATIC / "terminal")
@@ -236,6 +243,7 @@ async def _socket(request: web.Request) -> web.StreamResponse:
         await _refuse_ws(ws, exc.detail)
         return ws
     terminal = _Terminal(ctx, ws, live, target, peer)
+    terminal.hub = request.app[_HUB]
     request.app[_LIVE].live.add(terminal)
     try:
         await terminal.run()
@@ -430,6 +438,8 @@ class _Terminal:
         self._outcome = "closed"
         self._announced = False  # the reason for ending was already written to the terminal
         self._registered: Connection | None = None
+        self.hub: WatchHub | None = None
+        self._tap: Channel | None = None  # auditors watching (read-only, nothing kept)
 
     # lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:
@@ -438,6 +448,8 @@ class _Terminal:
         self._registered = sessions.open_connection(
             self.live, "ssh-terminal", self.target.name, str(self.peer), self._closer, count=False
         )
+        if self.hub is not None:
+            self._tap = self.hub.open(self._registered.id, self.cols, self.rows, self.write_soon)
         self._watch.start()
         reader = asyncio.ensure_future(self._read_socket())
         self._main = asyncio.ensure_future(self._serve())
@@ -452,14 +464,26 @@ class _Terminal:
             await self._cleanup()
 
     async def _cleanup(self) -> None:
-        if self._registered is not None:
-            self.ctx.sessions.close_connection(self._registered)
+        if self.hub is not None and self._tap is not None:
+            self.hub.close(self._tap, *(self._ending or (1000, "the SSH session ended")))
         self._watch.cancel()
         if self._warning is not None:
             self._warning.cancel()
         if self._conn is not None:
             self._conn.close()
         self._flush_bytes()
+        # The user hears why first; the registry (which times the cut-off) and the audit
+        # log learn once the websocket is closed.
+        code, reason = self._ending or (1000, "the SSH session ended")
+        try:
+            if not self.ws.closed:
+                with contextlib.suppress(ConnectionError, RuntimeError, asyncio.CancelledError):
+                    if self._ending is not None and not self._announced:
+                        await self.ws.send_bytes(_notice(f"Session ended: {reason}.", error=code != 1000))
+                    await self.ws.close(code=code, message=_close_reason(reason))
+        finally:
+            if self._registered is not None:
+                self.ctx.sessions.close_connection(self._registered)
         if self._opened:
             self.ctx.metrics.sessions_active.labels("ssh").dec()
             await self._audit(
@@ -467,12 +491,6 @@ class _Terminal:
                 "ok",
                 {"bytes_up": self._up, "bytes_down": self._down, "reason": self._outcome},
             )
-        code, reason = self._ending or (1000, "the SSH session ended")
-        if not self.ws.closed:
-            with contextlib.suppress(ConnectionError, RuntimeError, asyncio.CancelledError):
-                if self._ending is not None and not self._announced:
-                    await self.ws.send_bytes(_notice(f"Session ended: {reason}.", error=code != 1000))
-                await self.ws.close(code=code, message=_close_reason(reason))
 
     def _closer(self, reason: str) -> None:
         # The session manager calls this synchronously when the session ends.
@@ -665,6 +683,8 @@ class _Terminal:
                 return
             self._down += len(data)
             await self.ws.send_bytes(data)
+            if self._tap is not None:
+                self._tap.publish(data)
 
     async def _read_socket(self) -> None:
         async for msg in self.ws:
@@ -698,6 +718,8 @@ class _Terminal:
         if not (isinstance(cols, int) and isinstance(rows, int) and 0 < cols <= 1000 and 0 < rows <= 1000):
             return
         self.cols, self.rows = cols, rows
+        if self._tap is not None:
+            self._tap.resize(cols, rows)
         if self._stdin is not None:
             with contextlib.suppress(OSError, asyncssh.Error):
                 channel = cast(asyncssh.SSHClientChannel[bytes], self._stdin.channel)
@@ -725,6 +747,8 @@ class _Terminal:
     async def write(self, data: bytes) -> None:
         if not self.ws.closed:
             await self.ws.send_bytes(data)
+            if self._tap is not None:
+                self._tap.publish(data)
 
     def write_soon(self, data: bytes) -> None:
         """Write from a synchronous callback (ordering with awaited writes is kept per call)."""

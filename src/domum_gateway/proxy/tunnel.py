@@ -256,6 +256,13 @@ class _ServerEnd(WsEnd):
             "auth": self.auth,
         }
 
+    def cut_alone(self, reason: str, cause: str) -> None:
+        """Cut this tunnel only (its session lives on), timed for ``domum_cutoff_seconds``."""
+        if self.conn is not None:
+            self.conn.cut(reason, cause)  # calls ``cut`` once
+        else:
+            self.cut(reason)
+
     def cut(self, reason: str) -> None:
         """The session or grant ended: 1008 with ``reason``, nothing more to the target."""
         tcp = self.tcp.transport
@@ -289,7 +296,7 @@ class _ServerEnd(WsEnd):
         decision = service.ctx.sessions.check(live, self.peer, self.target.id, activity=False)
         if isinstance(decision, Deny):
             # Terminal reasons already cut us through the session's closers.
-            self.cut(explain(decision.reason, live.grant))
+            self.cut_alone(explain(decision.reason, live.grant), "policy")
             return
         idle = service.idle_timeout if service.idle_timeout is not None else live.grant.idle_timeout_seconds
         if now - self._last_data >= idle:
@@ -301,7 +308,7 @@ class TunnelService:
 
     def __init__(self, ctx: PublicContext) -> None:
         self.ctx = ctx
-        self.tickets = TicketStore(ctx.sessions, ctx.clock)
+        self.tickets = TicketStore(ctx.sessions, ctx.store, ctx.clock)
         self.targets = TargetCache(ctx)
         self.scratch = Scratch()
         self.max_frame = 1024 * 1024
@@ -359,7 +366,9 @@ class TunnelService:
         self.targets.clear()
         for end in list(self.open):
             if end.target.id == change.id:
-                end.cut("This resource was changed or removed by an administrator. Connect again.")
+                end.cut_alone(
+                    "This resource was changed or removed by an administrator. Connect again.", "policy"
+                )
 
     def _arm_tick(self) -> None:
         loop = asyncio.get_running_loop()
@@ -426,7 +435,19 @@ class TunnelService:
                 return None, "", _unauthorized("Use a tunnel ticket: Authorization: Bearer <ticket>.")
             if origin is not None and not self.origin_allowed(request, origin):
                 return None, "", _problem(403, "Forbidden", "Requests from other sites are refused.")
-            live = self.tickets.lookup(value.strip())
+            try:
+                live = await self.tickets.lookup(value.strip())
+            except DomumError:  # logged by the ticket store; fail closed
+                return (
+                    None,
+                    "",
+                    _problem(
+                        503,
+                        "Service unavailable",
+                        "The gateway cannot check tunnel tickets right now. Try again in a moment.",
+                        {"Retry-After": "5"},
+                    ),
+                )
             if live is None:
                 return (
                     None,

@@ -552,7 +552,10 @@ class WsEnd(asyncio.BufferedProtocol):
         payload = bytes(ctrl)
         op = self._opcode
         if op == OP_PING:
-            if not self.close_sent:
+            # A peer that floods pings and never reads would otherwise queue a pong per
+            # ping without bound: while our write side is full, skip them (RFC 6455
+            # section 5.5.3 allows answering only the most recent ping).
+            if not self.close_sent and not self._ws_full:
                 self._write_frame(OP_PONG, payload)
         elif op == OP_PONG:
             self.ping_outstanding = False

@@ -13,7 +13,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ..audit import AuditEntry
 from ..model import (
@@ -33,11 +33,14 @@ T = TypeVar("T")
 
 __all__ = [
     "AuditFilter",
+    "ConsoleSessionRecord",
     "OtpIssue",
     "OtpResult",
     "Page",
     "RequestFilter",
+    "SecretKind",
     "SessionCreate",
+    "SessionSecret",
     "Store",
     "T",
     "pseudonym",
@@ -96,6 +99,41 @@ class SessionCreate(enum.StrEnum):
     OK = "ok"
     TOO_MANY = "too_many"
     TOKEN_SPENT = "token_spent"
+
+
+class SecretKind(enum.StrEnum):
+    """Bearer secrets bound to a remote user's session, kept so every replica can check them."""
+
+    TICKET = "ticket"  # the ``connect`` client's tunnel ticket (reusable until it expires)
+    HOST_CODE = "host_code"  # host-mode hand-over code (one use)
+    HOST_COOKIE = "host_cookie"  # host-mode cookie for one target's own host
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSecret:
+    """What a stored session secret opens (the secret itself is never stored)."""
+
+    kind: SecretKind
+    session_id: str
+    session_hash: str  # the session's cookie hash: how ``SessionManager`` finds it
+    target_id: str | None
+    detail: str | None  # host codes: the path to continue to
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleSessionRecord:
+    """An admin console sign-in as stored (keyed by the hash of its cookie value)."""
+
+    sid_hash: str
+    token_hash: str
+    token_name: str
+    role: Role
+    created_at: datetime
+    last_seen: datetime
+    idle_until: datetime  # last_seen + idle timeout
+    expires_at: datetime  # created_at + absolute lifetime
+    state: dict[str, Any]  # notices and saved wizard drafts (JSON)
 
 
 class Store(abc.ABC):
@@ -291,6 +329,71 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_sessions(self, request_id: str | None = None, live: bool = True) -> list[Session]: ...
+
+    # session secrets (tunnel tickets, host-mode codes and cookies) -------------
+    @abc.abstractmethod
+    async def add_session_secret(
+        self,
+        kind: SecretKind,
+        secret_hash: str,
+        session_id: str,
+        now: datetime,
+        expires_at: datetime,
+        *,
+        target_id: str | None = None,
+        detail: str | None = None,
+        max_per_session: int = 100,
+    ) -> bool:
+        """Store a secret bound to a live session (expired ones of that session go first).
+
+        False, storing nothing, when the session has ended or already holds
+        ``max_per_session`` unexpired secrets of this kind (a flood).
+        """
+
+    @abc.abstractmethod
+    async def find_session_secret(
+        self, kind: SecretKind, secret_hash: str, now: datetime
+    ) -> SessionSecret | None:
+        """The unexpired secret of this kind with this hash, if its session is still live."""
+
+    @abc.abstractmethod
+    async def take_session_secret(
+        self, kind: SecretKind, secret_hash: str, now: datetime
+    ) -> SessionSecret | None:
+        """Delete and return a one-time secret in one statement: of concurrent takes on any
+        replica exactly one gets it. None when unknown, expired or its session has ended."""
+
+    @abc.abstractmethod
+    async def drop_session_secrets(self, session_id: str, kind: SecretKind | None = None) -> int:
+        """Delete a session's secrets (of one kind, or all); returns how many."""
+
+    # admin console sessions ----------------------------------------------------
+    @abc.abstractmethod
+    async def create_console_session(self, record: ConsoleSessionRecord, max_sessions: int) -> None:
+        """Store a new console session; beyond ``max_sessions`` live ones the least recently
+        used are dropped (expired ones first)."""
+
+    @abc.abstractmethod
+    async def find_console_session(self, sid_hash: str, now: datetime) -> ConsoleSessionRecord | None:
+        """The console session with this cookie hash unless idle or past its lifetime."""
+
+    @abc.abstractmethod
+    async def save_console_session(
+        self, sid_hash: str, last_seen: datetime, idle_until: datetime, state: dict[str, Any]
+    ) -> bool:
+        """Record activity and state; False when the session is gone."""
+
+    @abc.abstractmethod
+    async def end_console_session(self, sid_hash: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def end_console_sessions_for_token(self, token_hash: str) -> int: ...
+
+    # housekeeping ------------------------------------------------------------------
+    @abc.abstractmethod
+    async def purge_expired(self, now: datetime) -> int:
+        """Delete expired session secrets, secrets of ended sessions and expired console
+        sessions; returns how many rows went."""
 
     # audit -------------------------------------------------------------------
     @abc.abstractmethod

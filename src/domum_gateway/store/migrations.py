@@ -126,4 +126,37 @@ CREATE TABLE audit_head (
 );
 """,
     ),
+    (
+        2,
+        # Scale-out (issue 9): what used to live in one process's memory, so that any
+        # replica can check it. Secrets are SHA-256 hex only; every row expires.
+        # ``session_secrets``: tunnel tickets, host-mode hand-over codes (one-time) and
+        # host-mode cookies, each bound to a session and worthless once it ends.
+        """
+CREATE TABLE session_secrets (
+    secret_hash TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL CHECK (kind IN ('ticket', 'host_code', 'host_cookie')),
+    session_id  TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    target_id   TEXT,
+    detail      TEXT,
+    created_at  TEXT NOT NULL,
+    expires_at  TEXT NOT NULL
+);
+CREATE INDEX session_secrets_session ON session_secrets(session_id, kind);
+CREATE INDEX session_secrets_expiry ON session_secrets(expires_at);
+CREATE TABLE console_sessions (
+    sid_hash    TEXT PRIMARY KEY,
+    token_hash  TEXT NOT NULL,
+    token_name  TEXT NOT NULL,
+    role        TEXT NOT NULL CHECK (role IN ('admin', 'auditor')),
+    created_at  TEXT NOT NULL,
+    last_seen   TEXT NOT NULL,
+    idle_until  TEXT NOT NULL,
+    expires_at  TEXT NOT NULL,
+    state       TEXT NOT NULL
+);
+CREATE INDEX console_sessions_token ON console_sessions(token_hash);
+CREATE INDEX console_sessions_seen ON console_sessions(last_seen);
+""",
+    ),
 ]

@@ -136,4 +136,34 @@ CREATE TABLE audit_head (
 );
 """,
     ),
+    (
+        2,
+        # See ``migrations.MIGRATIONS`` version 2.
+        """
+CREATE TABLE session_secrets (
+    secret_hash TEXT COLLATE "C" PRIMARY KEY,
+    kind        TEXT COLLATE "C" NOT NULL CHECK (kind IN ('ticket', 'host_code', 'host_cookie')),
+    session_id  TEXT COLLATE "C" NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    target_id   TEXT COLLATE "C",
+    detail      TEXT COLLATE "C",
+    created_at  TEXT COLLATE "C" NOT NULL,
+    expires_at  TEXT COLLATE "C" NOT NULL
+);
+CREATE INDEX session_secrets_session ON session_secrets(session_id, kind);
+CREATE INDEX session_secrets_expiry ON session_secrets(expires_at);
+CREATE TABLE console_sessions (
+    sid_hash    TEXT COLLATE "C" PRIMARY KEY,
+    token_hash  TEXT COLLATE "C" NOT NULL,
+    token_name  TEXT COLLATE "C" NOT NULL,
+    role        TEXT COLLATE "C" NOT NULL CHECK (role IN ('admin', 'auditor')),
+    created_at  TEXT COLLATE "C" NOT NULL,
+    last_seen   TEXT COLLATE "C" NOT NULL,
+    idle_until  TEXT COLLATE "C" NOT NULL,
+    expires_at  TEXT COLLATE "C" NOT NULL,
+    state       TEXT COLLATE "C" NOT NULL
+);
+CREATE INDEX console_sessions_token ON console_sessions(token_hash);
+CREATE INDEX console_sessions_seen ON console_sessions(last_seen);
+""",
+    ),
 ]

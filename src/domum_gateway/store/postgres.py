@@ -57,11 +57,14 @@ from ..model import (
 from . import rows as rowmap
 from .base import (
     AuditFilter,
+    ConsoleSessionRecord,
     OtpIssue,
     OtpResult,
     Page,
     RequestFilter,
+    SecretKind,
     SessionCreate,
+    SessionSecret,
     Store,
     pseudonym,
 )
@@ -1049,6 +1052,182 @@ class PostgresStore(Store):
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at"
         return [rowmap.session(r) for r in await self._all(sql, *p.values)]
+
+    # session secrets -----------------------------------------------------------
+    async def add_session_secret(
+        self,
+        kind: SecretKind,
+        secret_hash: str,
+        session_id: str,
+        now: datetime,
+        expires_at: datetime,
+        *,
+        target_id: str | None = None,
+        detail: str | None = None,
+        max_per_session: int = 100,
+    ) -> bool:
+        nows = rowmap.ts(now)
+
+        async def run(c: Any) -> bool:
+            # Issuers for one session on every replica queue on its row: the count is exact.
+            live = await c.fetchval(
+                "SELECT 1 FROM sessions WHERE id = $1 AND ended_at IS NULL FOR NO KEY UPDATE", session_id
+            )
+            if live is None:
+                return False
+            await c.execute(
+                "DELETE FROM session_secrets WHERE session_id = $1 AND kind = $2 AND expires_at <= $3",
+                session_id,
+                kind.value,
+                nows,
+            )
+            n = await c.fetchval(
+                "SELECT COUNT(*) FROM session_secrets WHERE session_id = $1 AND kind = $2",
+                session_id,
+                kind.value,
+            )
+            if int(n) >= max_per_session:
+                return False
+            await c.execute(
+                "INSERT INTO session_secrets (secret_hash, kind, session_id, target_id, detail, created_at,"
+                " expires_at) VALUES ($1,$2,$3,$4,$5,$6,$7)",
+                secret_hash,
+                kind.value,
+                session_id,
+                target_id,
+                detail,
+                nows,
+                rowmap.ts(expires_at),
+            )
+            return True
+
+        return await self._write(run)
+
+    async def find_session_secret(
+        self, kind: SecretKind, secret_hash: str, now: datetime
+    ) -> SessionSecret | None:
+        row = await self._one(
+            "SELECT k.*, s.session_hash FROM session_secrets k JOIN sessions s ON s.id = k.session_id"
+            " WHERE k.secret_hash = $1 AND k.kind = $2 AND k.expires_at > $3 AND s.ended_at IS NULL",
+            secret_hash,
+            kind.value,
+            rowmap.ts(now),
+        )
+        return rowmap.session_secret(row) if row else None
+
+    async def take_session_secret(
+        self, kind: SecretKind, secret_hash: str, now: datetime
+    ) -> SessionSecret | None:
+        # One statement: the row lock makes a concurrent DELETE on another replica wait and
+        # then find nothing, so exactly one of them gets the row back.
+        sql = (
+            "WITH d AS (DELETE FROM session_secrets WHERE secret_hash = $1 AND kind = $2 AND expires_at > $3"
+            " RETURNING *) SELECT d.*, s.session_hash FROM d JOIN sessions s ON s.id = d.session_id"
+            " WHERE s.ended_at IS NULL"
+        )
+
+        async def run(c: Any) -> _Row | None:
+            row: _Row | None = await c.fetchrow(sql, secret_hash, kind.value, rowmap.ts(now))
+            return row
+
+        row = await self._write(run)
+        return rowmap.session_secret(row) if row else None
+
+    async def drop_session_secrets(self, session_id: str, kind: SecretKind | None = None) -> int:
+        async def run(c: Any) -> int:
+            if kind is None:
+                status = await c.execute("DELETE FROM session_secrets WHERE session_id = $1", session_id)
+            else:
+                status = await c.execute(
+                    "DELETE FROM session_secrets WHERE session_id = $1 AND kind = $2", session_id, kind.value
+                )
+            return _count(status)
+
+        return await self._write(run)
+
+    # console sessions ------------------------------------------------------------
+    async def create_console_session(self, record: ConsoleSessionRecord, max_sessions: int) -> None:
+        nows = rowmap.ts(record.created_at)
+
+        async def run(c: Any) -> None:
+            await c.execute("DELETE FROM console_sessions WHERE idle_until <= $1 OR expires_at <= $1", nows)
+            n = int(await c.fetchval("SELECT COUNT(*) FROM console_sessions"))
+            if n - max_sessions + 1 > 0:
+                await c.execute(
+                    "DELETE FROM console_sessions WHERE sid_hash IN"
+                    " (SELECT sid_hash FROM console_sessions ORDER BY last_seen, sid_hash LIMIT $1)",
+                    n - max_sessions + 1,
+                )
+            await c.execute(
+                "INSERT INTO console_sessions (sid_hash, token_hash, token_name, role, created_at, last_seen,"
+                " idle_until, expires_at, state) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
+                record.sid_hash,
+                record.token_hash,
+                record.token_name,
+                record.role.value,
+                nows,
+                rowmap.ts(record.last_seen),
+                rowmap.ts(record.idle_until),
+                rowmap.ts(record.expires_at),
+                json.dumps(record.state, sort_keys=True),
+            )
+
+        await self._write(run)
+
+    async def find_console_session(self, sid_hash: str, now: datetime) -> ConsoleSessionRecord | None:
+        row = await self._one(
+            "SELECT * FROM console_sessions WHERE sid_hash = $1 AND idle_until > $2 AND expires_at > $2",
+            sid_hash,
+            rowmap.ts(now),
+        )
+        return rowmap.console_session(row) if row else None
+
+    async def save_console_session(
+        self, sid_hash: str, last_seen: datetime, idle_until: datetime, state: dict[str, Any]
+    ) -> bool:
+        async def run(c: Any) -> bool:
+            status = await c.execute(
+                "UPDATE console_sessions SET last_seen = $1, idle_until = $2, state = $3 WHERE sid_hash = $4",
+                rowmap.ts(last_seen),
+                rowmap.ts(idle_until),
+                json.dumps(state, sort_keys=True),
+                sid_hash,
+            )
+            return _count(status) > 0
+
+        return await self._write(run)
+
+    async def end_console_session(self, sid_hash: str) -> bool:
+        async def run(c: Any) -> bool:
+            return _count(await c.execute("DELETE FROM console_sessions WHERE sid_hash = $1", sid_hash)) > 0
+
+        return await self._write(run)
+
+    async def end_console_sessions_for_token(self, token_hash: str) -> int:
+        async def run(c: Any) -> int:
+            return _count(await c.execute("DELETE FROM console_sessions WHERE token_hash = $1", token_hash))
+
+        return await self._write(run)
+
+    async def purge_expired(self, now: datetime) -> int:
+        nows = rowmap.ts(now)
+
+        async def run(c: Any) -> int:
+            gone = _count(
+                await c.execute(
+                    "DELETE FROM session_secrets k WHERE k.expires_at <= $1 OR EXISTS"
+                    " (SELECT 1 FROM sessions s"
+                    " WHERE s.id = k.session_id AND s.ended_at IS NOT NULL)",
+                    nows,
+                )
+            )
+            return gone + _count(
+                await c.execute(
+                    "DELETE FROM console_sessions WHERE idle_until <= $1 OR expires_at <= $1", nows
+                )
+            )
+
+        return await self._write(run)
 
     # audit -------------------------------------------------------------------
     async def append_audit(self, entry: AuditEntry) -> None:

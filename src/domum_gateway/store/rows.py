@@ -31,8 +31,10 @@ from ..model import (
     Target,
 )
 from ..model import Protocol as TargetProtocol
+from .base import ConsoleSessionRecord, SecretKind, SessionSecret
 
 __all__ = [
+    "console_session",
     "decode_cursor",
     "dt",
     "dt_req",
@@ -43,6 +45,7 @@ __all__ = [
     "reason",
     "request",
     "session",
+    "session_secret",
     "target",
     "token",
     "ts",
@@ -197,4 +200,31 @@ def event(r: Row) -> AuditEvent:
         prev_hash=r["prev_hash"],
         hash=r["hash"],
         personal=json.loads(r["personal"]) if r["personal"] else None,
+    )
+
+
+def session_secret(r: Row) -> SessionSecret:
+    """A ``session_secrets`` row joined with its session's ``session_hash``."""
+    return SessionSecret(
+        kind=SecretKind(r["kind"]),
+        session_id=r["session_id"],
+        session_hash=r["session_hash"],
+        target_id=r["target_id"],
+        detail=r["detail"],
+        expires_at=dt_req(r["expires_at"]),
+    )
+
+
+def console_session(r: Row) -> ConsoleSessionRecord:
+    state = json.loads(r["state"])
+    return ConsoleSessionRecord(
+        sid_hash=r["sid_hash"],
+        token_hash=r["token_hash"],
+        token_name=r["token_name"],
+        role=Role(r["role"]),
+        created_at=dt_req(r["created_at"]),
+        last_seen=dt_req(r["last_seen"]),
+        idle_until=dt_req(r["idle_until"]),
+        expires_at=dt_req(r["expires_at"]),
+        state=state if isinstance(state, dict) else {},
     )

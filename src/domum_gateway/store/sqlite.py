@@ -36,11 +36,14 @@ from ..model import (
 from . import rows as rowmap
 from .base import (
     AuditFilter,
+    ConsoleSessionRecord,
     OtpIssue,
     OtpResult,
     Page,
     RequestFilter,
+    SecretKind,
     SessionCreate,
+    SessionSecret,
     Store,
     pseudonym,
 )
@@ -71,7 +74,10 @@ class SqliteStore(Store):
         await conn.execute(f"PRAGMA busy_timeout = {int(self._busy_ms)}")
         await conn.execute("PRAGMA foreign_keys = ON")
         await conn.execute("PRAGMA journal_mode = WAL")
-        await conn.execute("PRAGMA synchronous = NORMAL")
+        # FULL, not NORMAL: in WAL mode NORMAL does not sync each commit, so a power cut or a
+        # failing disk can take back acknowledged revocations and spent tokens (seen in
+        # tests/faults); FULL costs one fsync of the log per change.
+        await conn.execute("PRAGMA synchronous = FULL")
         # Erased personal data must not linger in free pages of the file.
         await conn.execute("PRAGMA secure_delete = ON")
         return conn
@@ -139,6 +145,7 @@ class SqliteStore(Store):
             cur = await self._reader.execute(sql, params)
             return list(await cur.fetchall())
         except sqlite3.Error as exc:
+            _log_failure("read", exc)
             raise StoreError("the database could not answer") from exc
 
     async def _one(self, sql: str, params: Sequence[Any] = ()) -> _Row | None:
@@ -147,6 +154,7 @@ class SqliteStore(Store):
             row: _Row | None = await cur.fetchone()
             return row
         except sqlite3.Error as exc:
+            _log_failure("read", exc)
             raise StoreError("the database could not answer") from exc
 
     @asynccontextmanager
@@ -156,23 +164,26 @@ class SqliteStore(Store):
             try:
                 await w.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
+                _log_failure("begin", exc)
                 raise StoreError("the database is unavailable") from exc
             try:
                 yield w
             except sqlite3.IntegrityError as exc:
-                await w.execute("ROLLBACK")
+                await _rollback(w)
                 raise Conflict(_integrity_message(exc)) from exc
             except sqlite3.Error as exc:
-                await w.execute("ROLLBACK")
+                await _rollback(w)
+                _log_failure("write", exc)
                 raise StoreError("the database could not complete the change") from exc
             except BaseException:
-                await w.execute("ROLLBACK")
+                await _rollback(w)
                 raise
             else:
                 try:
                     await w.execute("COMMIT")
                 except sqlite3.Error as exc:
-                    await w.execute("ROLLBACK")
+                    await _rollback(w)
+                    _log_failure("commit", exc)
                     raise StoreError("the database could not complete the change") from exc
 
     async def _audit(self, w: aiosqlite.Connection, entry: AuditEntry) -> None:
@@ -759,6 +770,157 @@ class SqliteStore(Store):
         sql += " ORDER BY created_at"
         return [rowmap.session(r) for r in await self._all(sql, params)]
 
+    # session secrets -----------------------------------------------------------
+    async def add_session_secret(
+        self,
+        kind: SecretKind,
+        secret_hash: str,
+        session_id: str,
+        now: datetime,
+        expires_at: datetime,
+        *,
+        target_id: str | None = None,
+        detail: str | None = None,
+        max_per_session: int = 100,
+    ) -> bool:
+        nows = rowmap.ts(now)
+        async with self._tx() as w:
+            cur = await w.execute("SELECT 1 FROM sessions WHERE id = ? AND ended_at IS NULL", (session_id,))
+            if await cur.fetchone() is None:
+                return False
+            await w.execute(
+                "DELETE FROM session_secrets WHERE session_id = ? AND kind = ? AND expires_at <= ?",
+                (session_id, kind.value, nows),
+            )
+            cur = await w.execute(
+                "SELECT COUNT(*) AS n FROM session_secrets WHERE session_id = ? AND kind = ?",
+                (session_id, kind.value),
+            )
+            row = await cur.fetchone()
+            if row is not None and int(row["n"]) >= max_per_session:
+                return False
+            await w.execute(
+                "INSERT INTO session_secrets (secret_hash, kind, session_id, target_id, detail, created_at,"
+                " expires_at) VALUES (?,?,?,?,?,?,?)",
+                (secret_hash, kind.value, session_id, target_id, detail, nows, rowmap.ts(expires_at)),
+            )
+        return True
+
+    async def find_session_secret(
+        self, kind: SecretKind, secret_hash: str, now: datetime
+    ) -> SessionSecret | None:
+        row = await self._one(
+            "SELECT k.*, s.session_hash FROM session_secrets k JOIN sessions s ON s.id = k.session_id"
+            " WHERE k.secret_hash = ? AND k.kind = ? AND k.expires_at > ? AND s.ended_at IS NULL",
+            (secret_hash, kind.value, rowmap.ts(now)),
+        )
+        return rowmap.session_secret(row) if row else None
+
+    async def take_session_secret(
+        self, kind: SecretKind, secret_hash: str, now: datetime
+    ) -> SessionSecret | None:
+        async with self._tx() as w:
+            # One statement spends it; the single writer makes it the only one.
+            cur = await w.execute(
+                "DELETE FROM session_secrets WHERE secret_hash = ? AND kind = ? AND expires_at > ?"
+                " RETURNING *",
+                (secret_hash, kind.value, rowmap.ts(now)),
+            )
+            taken = await cur.fetchone()
+            if taken is None:
+                return None
+            cur = await w.execute(
+                "SELECT session_hash FROM sessions WHERE id = ? AND ended_at IS NULL", (taken["session_id"],)
+            )
+            live = await cur.fetchone()
+        if live is None:
+            return None
+        return rowmap.session_secret({**dict(taken), "session_hash": live["session_hash"]})
+
+    async def drop_session_secrets(self, session_id: str, kind: SecretKind | None = None) -> int:
+        async with self._tx() as w:
+            if kind is None:
+                cur = await w.execute("DELETE FROM session_secrets WHERE session_id = ?", (session_id,))
+            else:
+                cur = await w.execute(
+                    "DELETE FROM session_secrets WHERE session_id = ? AND kind = ?", (session_id, kind.value)
+                )
+            return int(cur.rowcount)
+
+    # console sessions ------------------------------------------------------------
+    async def create_console_session(self, record: ConsoleSessionRecord, max_sessions: int) -> None:
+        nows = rowmap.ts(record.created_at)
+        async with self._tx() as w:
+            await w.execute(
+                "DELETE FROM console_sessions WHERE idle_until <= ? OR expires_at <= ?", (nows, nows)
+            )
+            cur = await w.execute("SELECT COUNT(*) AS n FROM console_sessions")
+            row = await cur.fetchone()
+            excess = (int(row["n"]) if row is not None else 0) - max_sessions + 1
+            if excess > 0:
+                await w.execute(
+                    "DELETE FROM console_sessions WHERE sid_hash IN"
+                    " (SELECT sid_hash FROM console_sessions ORDER BY last_seen, sid_hash LIMIT ?)",
+                    (excess,),
+                )
+            await w.execute(
+                "INSERT INTO console_sessions (sid_hash, token_hash, token_name, role, created_at, last_seen,"
+                " idle_until, expires_at, state) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    record.sid_hash,
+                    record.token_hash,
+                    record.token_name,
+                    record.role.value,
+                    nows,
+                    rowmap.ts(record.last_seen),
+                    rowmap.ts(record.idle_until),
+                    rowmap.ts(record.expires_at),
+                    json.dumps(record.state, sort_keys=True),
+                ),
+            )
+
+    async def find_console_session(self, sid_hash: str, now: datetime) -> ConsoleSessionRecord | None:
+        nows = rowmap.ts(now)
+        row = await self._one(
+            "SELECT * FROM console_sessions WHERE sid_hash = ? AND idle_until > ? AND expires_at > ?",
+            (sid_hash, nows, nows),
+        )
+        return rowmap.console_session(row) if row else None
+
+    async def save_console_session(
+        self, sid_hash: str, last_seen: datetime, idle_until: datetime, state: dict[str, Any]
+    ) -> bool:
+        async with self._tx() as w:
+            cur = await w.execute(
+                "UPDATE console_sessions SET last_seen = ?, idle_until = ?, state = ? WHERE sid_hash = ?",
+                (rowmap.ts(last_seen), rowmap.ts(idle_until), json.dumps(state, sort_keys=True), sid_hash),
+            )
+            return int(cur.rowcount) > 0
+
+    async def end_console_session(self, sid_hash: str) -> bool:
+        async with self._tx() as w:
+            cur = await w.execute("DELETE FROM console_sessions WHERE sid_hash = ?", (sid_hash,))
+            return int(cur.rowcount) > 0
+
+    async def end_console_sessions_for_token(self, token_hash: str) -> int:
+        async with self._tx() as w:
+            cur = await w.execute("DELETE FROM console_sessions WHERE token_hash = ?", (token_hash,))
+            return int(cur.rowcount)
+
+    async def purge_expired(self, now: datetime) -> int:
+        nows = rowmap.ts(now)
+        async with self._tx() as w:
+            cur = await w.execute(
+                "DELETE FROM session_secrets WHERE expires_at <= ? OR EXISTS (SELECT 1 FROM sessions s"
+                " WHERE s.id = session_secrets.session_id AND s.ended_at IS NOT NULL)",
+                (nows,),
+            )
+            gone = int(cur.rowcount)
+            cur = await w.execute(
+                "DELETE FROM console_sessions WHERE idle_until <= ? OR expires_at <= ?", (nows, nows)
+            )
+            return gone + int(cur.rowcount)
+
     # audit -------------------------------------------------------------------
     async def append_audit(self, entry: AuditEntry) -> None:
         async with self._tx() as w:
@@ -801,6 +963,29 @@ class SqliteStore(Store):
     async def audit_head(self) -> tuple[int, str] | None:
         row = await self._one("SELECT seq, hash FROM audit_head WHERE id = 1")
         return (int(row["seq"]), str(row["hash"])) if row else None
+
+
+async def _rollback(w: aiosqlite.Connection) -> None:
+    """Undo the open transaction; never raises, so the caller's error is the one reported.
+
+    After SQLITE_FULL or an I/O error SQLite may already have rolled back on its own, and
+    ROLLBACK then fails with "no transaction is active": nothing is left to undo.
+    """
+    try:
+        await w.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        if w.in_transaction:  # pragma: no cover - the connection is unusable; say so loudly
+            log.error("store.rollback_failed code=%s detail=%s", _code(exc), exc)
+
+
+def _code(exc: sqlite3.Error) -> str:
+    return str(getattr(exc, "sqlite_errorname", None) or type(exc).__name__)
+
+
+def _log_failure(step: str, exc: sqlite3.Error) -> None:
+    # SQLite's messages ("database is locked", "database or disk is full", "disk I/O error")
+    # name the cause an operator must fix and carry no data; the change is refused (503).
+    log.error("store.%s_failed code=%s detail=%s (refused: fail closed)", step, _code(exc), exc)
 
 
 def _split_sql(sql: str) -> list[str]:
