@@ -12,7 +12,7 @@ TSTAMP  := $(VENV)/.installed-test
 SYS_PKGS := openssh-server openssh-client postgresql chromium xrdp freerdp2-x11 xvfb nginx wrk socat haproxy
 SYS_BINS := /usr/sbin/sshd /usr/bin/ssh /usr/lib/postgresql/15/bin/initdb /usr/bin/chromium /usr/sbin/xrdp /usr/bin/xfreerdp /usr/bin/Xvfb /usr/sbin/nginx /usr/bin/wrk /usr/bin/socat /usr/sbin/haproxy
 
-.PHONY: run test install install-test sysdeps assets lint typecheck unit clean soak
+.PHONY: run test install install-test sysdeps assets lint typecheck unit clean soak fuzz
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -64,6 +64,12 @@ test: sysdeps install-test lint typecheck
 # Ten minutes of the load test's mix (DOMUM_SOAK_SECONDS to change), RSS every 10 s.
 soak: install-test
 	$(BIN)/python bench/soak.py
+
+# Deeper fuzzing than `make test`: many more schemathesis requests per API operation and
+# the "deep" Hypothesis profile for the window, origin and decide() properties.
+fuzz: sysdeps install-test
+	DOMUM_FUZZ_PROFILE=deep DOMUM_FUZZ_EXAMPLES=$${DOMUM_FUZZ_EXAMPLES:-300} \
+	  $(BIN)/pytest -q -p no:cacheprovider tests/fuzz
 
 clean:
 	rm -rf $(VENV) node_modules src/domum_gateway/static/vendor .pytest_cache .mypy_cache .ruff_cache

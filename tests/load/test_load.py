@@ -13,12 +13,11 @@ in the baseline:
 * under load (2,000 tunnels open, logins running), RSS at the last sample is within
   16 MiB of the first;
 * after the load, once every tunnel is closed and the gateway's open files are back,
-  RSS is within 96 MiB of the baseline. Not zero: uvloop 0.23's TLS transport keeps
-  memory for every TLS connection it has closed (MagicStack/uvloop#565; 2,000
-  uvloop-only TLS connections leak ~45 MiB per side in a 20-line reproduction, stdlib
-  asyncio stays flat; see SECURITY.md), measured at 30-50 MiB for the ~2,650
-  connections of this run. A per-tunnel leak of the gateway's own (a 256 KiB read
-  buffer, a session or a ticket kept) would be hundreds of MiB.
+  RSS is within 96 MiB of the baseline. Not zero: after a burst of TLS connections
+  glibc keeps freed memory (30-50 MiB measured for the ~2,650 connections of this run;
+  it falls back after ``malloc_trim(0)``; see SECURITY.md, "Known limitations").
+  A per-tunnel leak of the gateway's own (a 256 KiB read buffer, a session or a
+  ticket kept) would be hundreds of MiB.
 """
 
 from __future__ import annotations

@@ -517,8 +517,11 @@ def _watched(connections: list[dict[str, Any]], ref: str) -> dict[str, Any]:
 
 # audit -----------------------------------------------------------------------
 async def list_audit(request: web.Request) -> web.Response:
-    since_raw = _query_str(request, "since", 64)
-    since: datetime | None = parse_instant(since_raw, "since") if since_raw else None
+    # Not _query_str: an empty ``since=`` is not a date-time (the schema says so), not "no filter".
+    since_raw = request.query.get("since")
+    if since_raw is not None and not 0 < len(since_raw) <= 64:
+        raise ValidationError.one("since", "must be an RFC 3339 date-time, at most 64 characters")
+    since: datetime | None = parse_instant(since_raw, "since") if since_raw is not None else None
     flt = AuditFilter(
         since=since,
         type=_query_str(request, "type", 64),

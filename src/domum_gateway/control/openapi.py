@@ -270,6 +270,37 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
+def _nullable_optionals(schema: dict[str, Any]) -> dict[str, Any]:
+    """Request bodies read ``null`` as "not given" (``fields.Reader``): say so for every
+    optional property, nested objects included."""
+    required = set(schema.get("required", ()))
+    props: dict[str, Any] = {}
+    for key, prop in schema.get("properties", {}).items():
+        if prop.get("type") == "object" and "properties" in prop:
+            prop = _nullable_optionals(prop)
+        if key not in required:
+            if "$ref" in prop:
+                prop = {"anyOf": [prop, {"type": "null"}]}
+            elif isinstance(prop.get("type"), str):
+                prop = {**prop, "type": [prop["type"], "null"]}
+                if "enum" in prop:
+                    prop["enum"] = [*prop["enum"], None]
+        props[key] = prop
+    return {**schema, "properties": props} if props else schema
+
+
+for _name in (
+    "Policy",
+    "GroupInput",
+    "UserInput",
+    "ReasonInput",
+    "TargetInput",
+    "AccessRequestInput",
+    "Explain",
+):
+    _SCHEMAS[_name] = _nullable_optionals(_SCHEMAS[_name])
+
+
 def _patch_of(name: str, drop: tuple[str, ...] = ()) -> dict[str, Any]:
     """A PATCH body: the create body with every field optional and no defaults (an omitted
     field keeps its value); ``drop`` names fields that cannot be changed."""
@@ -279,7 +310,7 @@ def _patch_of(name: str, drop: tuple[str, ...] = ()) -> dict[str, Any]:
         for k, v in schema["properties"].items()
         if k not in drop
     }
-    return schema
+    return _nullable_optionals(schema)
 
 
 _SCHEMAS.update(

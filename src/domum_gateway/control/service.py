@@ -459,11 +459,11 @@ class AdminService:
             r.fail("reason_id", f"no reason {reason_id!r} is registered")
         user: RemoteUser | None = None
         new_user = False
-        if r.has("user") and r.has("user_id"):
+        # ``"user": null`` is "no inline user", like null everywhere else in a body.
+        u = r.child("user")
+        if u is not None and r.raw("user_id") is not None:
             r.fail("user", "give either user_id or an inline user, not both")
-        elif r.has("user"):
-            u = r.child("user")
-            assert u is not None
+        elif u is not None:
             u.only(("name", "email", "phone", "channel"))
             p = self._read_person(u, need_group=False)
             if group is not None and group.kind is not GroupKind.THIRD_PARTY:

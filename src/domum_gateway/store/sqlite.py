@@ -70,6 +70,16 @@ class SqliteStore(Store):
     # lifecycle ---------------------------------------------------------------
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self._path, isolation_level=None)
+        try:
+            await self._configure(conn)
+        except BaseException:
+            # A file that opens but cannot be set up (read-only file system, not a database)
+            # must not leave its connection and worker thread behind.
+            await conn.close()
+            raise
+        return conn
+
+    async def _configure(self, conn: aiosqlite.Connection) -> None:
         conn.row_factory = sqlite3.Row
         await conn.execute(f"PRAGMA busy_timeout = {int(self._busy_ms)}")
         await conn.execute("PRAGMA foreign_keys = ON")
@@ -80,7 +90,6 @@ class SqliteStore(Store):
         await conn.execute("PRAGMA synchronous = FULL")
         # Erased personal data must not linger in free pages of the file.
         await conn.execute("PRAGMA secure_delete = ON")
-        return conn
 
     async def open(self) -> None:
         try:
