@@ -1,38 +1,68 @@
-"""Shared helpers for the benchmarks: processes, ports, CPU accounting, nginx and wrk.
+"""Shared helpers for the benchmarks: processes, ports, CPU accounting, a gateway under
+test, percentiles and ratios, nginx and wrk.
 
 Everything runs on 127.0.0.1, every wait is bounded, and every process a benchmark
 starts is stopped by its pid (``Procs.stop_all``), never by name.
+
+The scripts run as ``python bench/x.py`` and import this as ``common`` (their own folder
+is on ``sys.path``). What a benchmark shares with the tests (a remote user's sign-in
+through the pages, real peers) lives in ``tests/`` and is imported from there with the
+repository root on ``sys.path``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import os
 import re
 import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
+import sys
 import time
+import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "NGINX",
+    "OUTBOX_LINK",
+    "OUTBOX_TOKEN",
+    "PY",
+    "ROOT",
     "WRK",
+    "GatewayProcess",
+    "Grantee",
     "Procs",
     "WrkResult",
+    "children",
     "cpu_seconds",
     "free_port",
+    "machine_cpu_seconds",
     "nginx_conf",
+    "percentile",
+    "raise_nofile",
+    "ratio",
     "rss_kib",
     "run_wrk",
+    "start_nginx",
     "wait_port",
 ]
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+OUTBOX_LINK = r"https://\S+/a/[A-Za-z0-9_-]+"  # a personal link, in the message that forwards a request
+OUTBOX_TOKEN = r"\b\d{8}\b"  # a one-time token
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -53,11 +83,26 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` (all its threads), from /proc."""
+def raise_nofile() -> int:
+    """Raise this process's open-file soft limit to its hard limit (children inherit it);
+    return the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return want
+
+
+def cpu_seconds(pid: int, *, reaped: bool = False) -> float:
+    """User + system CPU seconds of ``pid`` (all its threads), from /proc; with ``reaped``,
+    plus those of its children it has waited for (socat and websockify fork per connection,
+    PostgreSQL per backend)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    used = int(fields[11]) + int(fields[12])  # utime stime
+    if reaped:
+        used += int(fields[13]) + int(fields[14])  # cutime cstime
+    return used / _TICK
 
 
 def machine_cpu_seconds() -> float:
@@ -89,7 +134,8 @@ def children(pid: int) -> list[int]:
 
 
 class Procs:
-    """Processes a benchmark started; stopped by pid in reverse order."""
+    """Processes a benchmark started; stopped by pid in reverse order (a child that reads
+    its stdin until the end is told first by closing it)."""
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[Any]] = []
@@ -102,6 +148,9 @@ class Procs:
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:
+                if proc.stdin is not None:
+                    with contextlib.suppress(OSError):
+                        proc.stdin.close()
                 proc.send_signal(signal.SIGTERM)
         for proc in reversed(self.procs):
             try:
@@ -110,6 +159,133 @@ class Procs:
                 proc.kill()
                 proc.wait(timeout=5)
         self.procs.clear()
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile ``q`` (0-100) of ``values``; 0.0 when there are none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def ratio(ours: float, ref: float, digits: int = 3) -> float:
+    """``ours / ref`` rounded to ``digits``; 0.0 when the reference is 0 (it did not run)."""
+    return round(ours / ref, digits) if ref else 0.0
+
+
+@dataclass(frozen=True)
+class Grantee:
+    """A user in a group of its own, and a reason: what an access request needs."""
+
+    group_id: str
+    user_id: str
+    reason_id: str
+    email: str
+
+
+class GatewayProcess:
+    """``domum-gateway init`` then ``serve`` in ``work`` (SQLite, mail to the outbox) on free
+    loopback ports, and what a benchmark asks of it: blocking admin API calls, messages from
+    the outbox, a user with a forwarded access request.
+
+    Args:
+        procs: starts (and later stops) ``serve``.
+        work: an empty folder for the config, certificates, database and outbox.
+        serve_flags: interpreter flags in front of ``-m domum_gateway.cli`` (``-O``, a profiler).
+    """
+
+    def __init__(self, procs: Procs, work: Path, *, serve_flags: Sequence[str] = ()) -> None:
+        self.work = work
+        self.public, self.ssh, self.admin = free_port(), free_port(), free_port()
+        config = work / "config" / "domum.toml"
+        config.parent.mkdir(parents=True)
+        sys.path.insert(0, str(ROOT / "src"))
+        from domum_gateway.config_template import render_config
+
+        text = render_config("localhost", self.public, self.ssh, self.admin)
+        config.write_text(text.replace('listen = "0.0.0.0:', 'listen = "127.0.0.1:'))
+        self.config = config
+        out = subprocess.run(
+            [PY, "-m", "domum_gateway.cli", "init", "--config", str(config), "--hostname", "localhost"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
+        token = re.search(r"token: (\S+)", out)
+        if token is None:
+            raise RuntimeError(f"init printed no admin token: {out}")
+        self.token = token.group(1)
+        self.ca = work / "certs" / "ca.crt"
+        self.outbox = work / "var" / "outbox"
+        self.tls = ssl.create_default_context(cafile=str(self.ca))
+        serve = [PY, *serve_flags, "-m", "domum_gateway.cli", "--log-level", "WARNING", "serve"]
+        self.proc = procs.start([*serve, "--config", str(config)], stdout=subprocess.DEVNULL)
+        for port in (self.public, self.admin, self.ssh):
+            wait_port(port)
+        self._seen: set[str] = set()
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        """One admin API call (blocking): the JSON answer, else the raw body."""
+        req = urllib.request.Request(
+            f"https://localhost:{self.admin}{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, context=self.tls, timeout=30) as resp:  # noqa: S310
+            raw = resp.read()
+        return json.loads(raw) if raw and resp.headers.get_content_type().endswith("json") else raw
+
+    def from_outbox(self, pattern: str, timeout: float = 20.0) -> str:
+        """The first match of ``pattern`` in the oldest message not read before (blocking)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for path in sorted(self.outbox.glob("*.txt")):  # named by UTC time: oldest first
+                if path.name in self._seen:
+                    continue
+                m = re.search(pattern, path.read_text())
+                if m:
+                    self._seen.add(path.name)
+                    return m.group(0)
+            time.sleep(0.02)
+        raise RuntimeError(f"nothing matching {pattern} in {self.outbox}")
+
+    def add_user(self, name: str, targets: Sequence[dict[str, Any]]) -> Grantee:
+        """``targets`` (API bodies), a group ``name`` granting them, its user
+        ``name@example.com`` and a reason."""
+        ids = [self.api("POST", "/api/v1/targets", body)["id"] for body in targets]
+        policy = {
+            "targets": ids,
+            "max_duration": {"value": 30, "unit": "days"},
+            "idle_timeout": {"value": 2, "unit": "hours"},
+            "max_sessions": 10,
+        }
+        group = self.api("POST", "/api/v1/groups", {"name": name, "kind": "internal", "policy": policy})
+        email = f"{name}@example.com"
+        user = self.api("POST", "/api/v1/users", {"group_id": group["id"], "name": name, "email": email})
+        reason = self.api("POST", "/api/v1/reasons", {"label": f"Benchmark {name}"})
+        return Grantee(group["id"], user["id"], reason["id"], email)
+
+    def forward(self, who: Grantee) -> tuple[str, str]:
+        """A day's access request for ``who``, from five minutes ago, forwarded; returns
+        (request id, the personal link's URL from the outbox)."""
+        start = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
+        req = self.api(
+            "POST",
+            "/api/v1/access-requests",
+            {
+                "group_id": who.group_id,
+                "user_id": who.user_id,
+                "justification": "Benchmark",
+                "reason_id": who.reason_id,
+                "start": start,
+                "duration": {"value": 1, "unit": "days"},
+            },
+        )
+        self.api("POST", f"/api/v1/access-requests/{req['id']}/forward")
+        return str(req["id"]), self.from_outbox(OUTBOX_LINK)
 
 
 def nginx_conf(work: Path, name: str, servers: str) -> Path:

@@ -26,24 +26,30 @@ import base64
 import json
 import os
 import re
-import resource
-import ssl
 import struct
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Procs, cpu_seconds, free_port, wait_port
+from common import (
+    OUTBOX_TOKEN,
+    PY,
+    GatewayProcess,
+    Procs,
+    cpu_seconds,
+    free_port,
+    percentile,
+    raise_nofile,
+    ratio,
+    wait_port,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-PY = sys.executable
 TUNNELS = int(os.environ.get("CUTOFF_TUNNELS", "1000"))
 ROUNDS = int(os.environ.get("CUTOFF_ROUNDS", "3"))
 OPEN_CONCURRENCY = 64  # handshakes in flight at once
@@ -84,93 +90,41 @@ def role_echo(port: int, control: int) -> None:
         await loop.create_server(Control, "127.0.0.1", control)
         await asyncio.Event().wait()
 
-    _raise_nofile()
+    raise_nofile()
     asyncio.run(main())
-
-
-def _raise_nofile() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else 65536
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    return want
 
 
 # ---------------------------------------------------------------------------------------
 # the gateway under test (its own process)
 # ---------------------------------------------------------------------------------------
-class Gateway:
-    def __init__(self, procs: Procs, work: Path, echo_port: int) -> None:
-        self.work = work
-        self.public = free_port()
-        self.admin = free_port()
-        config = work / "config" / "domum.toml"
-        config.parent.mkdir(parents=True)
-        sys.path.insert(0, str(ROOT / "src"))
-        from domum_gateway.config_template import render_config
+class Gateway(GatewayProcess):
+    """The gateway under test, with one user granted the echo peer, and an async client for
+    what runs while the tunnels are open (a blocking call would hold their close frames)."""
 
-        text = render_config("localhost", self.public, free_port(), self.admin)
-        config.write_text(text.replace('listen = "0.0.0.0:', 'listen = "127.0.0.1:'))
-        out = subprocess.run(
-            [PY, "-m", "domum_gateway.cli", "init", "--config", str(config), "--hostname", "localhost"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        ).stdout
-        token = re.search(r"token: (\S+)", out)
-        assert token, out
-        self.token = token.group(1)
-        self.outbox = work / "var" / "outbox"
-        self.ssl = ssl.create_default_context(cafile=str(work / "certs" / "ca.crt"))
-        serve = [PY, "-m", "domum_gateway.cli", "--log-level", "WARNING", "serve", "--config", str(config)]
-        self.proc = procs.start(serve, stdout=subprocess.DEVNULL)
-        wait_port(self.public)
-        wait_port(self.admin)
-        self.echo_port = echo_port
+    def __init__(self, procs: Procs, work: Path, echo_port: int) -> None:
+        super().__init__(procs, work)
+        echo = {"name": "echo", "protocol": "tcp", "host": "127.0.0.1", "port": echo_port}
+        self.who = self.add_user("bench", [echo])
         self.http: aiohttp.ClientSession | None = None
-        self.group_id = self.user_id = self.reason_id = ""
-        self.seen: set[str] = set()
 
     async def start(self) -> None:
-        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl, limit=4))
-        target = await self.api(
-            "POST",
-            "/api/v1/targets",
-            {"name": "echo", "protocol": "tcp", "host": "127.0.0.1", "port": self.echo_port},
-        )
-        policy = {
-            "targets": [target["id"]],
-            "max_duration": {"value": 30, "unit": "days"},
-            "idle_timeout": {"value": 2, "unit": "hours"},
-            "max_sessions": 10,
-        }
-        group = await self.api(
-            "POST", "/api/v1/groups", {"name": "bench", "kind": "internal", "policy": policy}
-        )
-        user = await self.api(
-            "POST", "/api/v1/users", {"group_id": group["id"], "name": "Bench", "email": "bench@example.com"}
-        )
-        reason = await self.api("POST", "/api/v1/reasons", {"label": "Benchmark"})
-        self.group_id, self.user_id, self.reason_id = group["id"], user["id"], reason["id"]
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.tls, limit=4))
 
     async def close(self) -> None:
         if self.http is not None:
             await self.http.close()
 
-    async def api(self, method: str, path: str, body: Any = None) -> Any:
+    async def api_async(self, method: str, path: str) -> bytes:
+        """One admin API call without a body; the raw answer."""
         assert self.http is not None
         async with self.http.request(
             method,
             f"https://localhost:{self.admin}{path}",
-            json=body,
             headers={"Authorization": f"Bearer {self.token}"},
             timeout=aiohttp.ClientTimeout(total=30),
         ) as resp:
             if resp.status >= 400:
                 raise RuntimeError(f"{method} {path}: {resp.status} {await resp.text()}")
-            if resp.content_type.endswith("json"):
-                return await resp.json()
             return await resp.read()
 
     async def public_post(self, path: str, body: Any, want: int) -> Any:
@@ -182,44 +136,17 @@ class Gateway:
                 raise RuntimeError(f"POST {path}: {resp.status} {await resp.text()}")
             return await resp.json()
 
-    async def from_outbox(self, pattern: str) -> str:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            for path in sorted(self.outbox.glob("*.txt"), reverse=True):
-                if path.name in self.seen:
-                    continue
-                m = re.search(pattern, path.read_text())
-                if m:
-                    self.seen.add(path.name)
-                    return m.group(0)
-            await asyncio.sleep(0.05)
-        raise RuntimeError(f"nothing matching {pattern} in the outbox")
-
     async def grant(self) -> tuple[str, str]:
         """A fresh forwarded grant and a tunnel ticket for it: (request id, ticket)."""
-        start = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
-        req = await self.api(
-            "POST",
-            "/api/v1/access-requests",
-            {
-                "group_id": self.group_id,
-                "user_id": self.user_id,
-                "justification": "Benchmark",
-                "reason_id": self.reason_id,
-                "start": start,
-                "duration": {"value": 1, "unit": "days"},
-            },
-        )
-        await self.api("POST", f"/api/v1/access-requests/{req['id']}/forward")
-        link = await self.from_outbox(r"https://\S+/a/[A-Za-z0-9_-]+")
+        rid, link = await asyncio.to_thread(self.forward, self.who)
         await self.public_post("/cli/v1/token", {"link": link}, 202)
-        token = await self.from_outbox(r"\b\d{8}\b")
+        token = await asyncio.to_thread(self.from_outbox, OUTBOX_TOKEN)
         granted = await self.public_post("/cli/v1/verify", {"link": link, "token": token}, 200)
-        return str(req["id"]), str(granted["ticket"])
+        return rid, str(granted["ticket"])
 
     async def cutoff_histogram(self) -> dict[str, float]:
         """``domum_cutoff_seconds{cause="revoke"}``: cumulative buckets, sum and count."""
-        text = (await self.api("GET", "/metrics")).decode()
+        text = (await self.api_async("GET", "/metrics")).decode()
         out: dict[str, float] = {}
         for line in text.splitlines():
             if not line.startswith("domum_cutoff_seconds") or 'cause="revoke"' not in line:
@@ -351,7 +278,7 @@ async def open_tunnels(gw: Gateway, ticket: str, count: int) -> list[WsTunnel]:
         async with gate:
             tunnel = WsTunnel(request, probe)
             await loop.create_connection(
-                lambda: tunnel, "127.0.0.1", gw.public, ssl=gw.ssl, server_hostname="localhost"
+                lambda: tunnel, "127.0.0.1", gw.public, ssl=gw.tls, server_hostname="localhost"
             )
             if not await asyncio.wait_for(tunnel.live, 30):
                 raise RuntimeError(f"tunnel {i}: the echo came back wrong")
@@ -360,14 +287,6 @@ async def open_tunnels(gw: Gateway, ticket: str, count: int) -> list[WsTunnel]:
     async with asyncio.timeout(DEADLINE):
         await asyncio.gather(*(one(i) for i in range(count)))
     return tunnels
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return 0.0
-    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[k]
 
 
 def figures(ms: list[float]) -> dict[str, float]:
@@ -396,7 +315,7 @@ async def gateway_round(gw: Gateway, count: int) -> dict[str, Any]:
     before = await gw.cutoff_histogram()
     cpu0 = cpu_seconds(gw.proc.pid)
     t0 = time.monotonic()
-    await gw.api("POST", f"/api/v1/access-requests/{rid}/revoke")
+    await gw.api_async("POST", f"/api/v1/access-requests/{rid}/revoke")
     api_ms = (time.monotonic() - t0) * 1000
     async with asyncio.timeout(DEADLINE):
         await asyncio.gather(*(t.gone for t in tunnels))
@@ -517,7 +436,7 @@ async def run(procs: Procs, work: Path) -> dict[str, Any]:
             "gateway_p100_ms": [r["p100_ms"] for r in rounds],
             "direct_p100_ms": [r["p100_ms"] for r in refs],
         },
-        "ratio_p100_gateway_vs_direct": round(med["p100_ms"] / max(ref_med["p100_ms"], 0.001), 2),
+        "ratio_p100_gateway_vs_direct": ratio(med["p100_ms"], ref_med["p100_ms"], 2),
         "worst_p100_ms": worst,
         "goal_p100_under_1s": worst < 1000.0,
     }
@@ -527,7 +446,7 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--role":
         role_echo(int(sys.argv[3]), int(sys.argv[4]))
         return 0
-    limit = _raise_nofile()
+    limit = raise_nofile()
     if limit < 3 * TUNNELS + 200:
         print(f"the open-file limit ({limit}) is too low for {TUNNELS} tunnels", file=sys.stderr)
         return 2

@@ -37,12 +37,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import email
-import email.policy
 import json
-import math
 import os
-import re
 import resource
 import shutil
 import statistics
@@ -51,105 +47,42 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    ROOT,
+    WrkResult,
+    children,
+    cpu_seconds,
+    machine_cpu_seconds,
+    percentile,
+    ratio,
+    run_wrk,
+)
+
 sys.path.insert(0, str(ROOT))
-
-from common import WrkResult, run_wrk  # noqa: E402
-from tests.peers.haproxy import HAProxy, Replica, Replicas, haproxy_missing, listen_port  # noqa: E402
-from tests.peers.postgres import PostgresServer, postgres_missing  # noqa: E402
-from tests.peers.smtp import LoopbackController  # noqa: E402
-
-COOKIE = "__Host-domum"
-_TICK = os.sysconf("SC_CLK_TCK")
-_TOKEN = re.compile(r"\b(\d{8})\b")
-_LINK = re.compile(r"https?://\S+?(/a/[A-Za-z0-9_-]+)")
-_CSRF = re.compile(r'name="csrf" value="([^"]+)"')
-
-
-# mail ----------------------------------------------------------------------------------------
-class Inbox:
-    """aiosmtpd handler (runs in the controller's thread) that hands each message's body to
-    the benchmark's event loop, queued per recipient."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queues: dict[str, asyncio.Queue[str]] = {}
-        self.count = 0
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
-        assert isinstance(msg, EmailMessage)
-        part = msg.get_body(("plain",))
-        body = part.get_content() if part is not None else ""
-        for rcpt in envelope.rcpt_tos:
-            self.loop.call_soon_threadsafe(self._deliver, rcpt.lower(), body)
-        return "250 Message accepted"
-
-    def _queue(self, rcpt: str) -> asyncio.Queue[str]:
-        queue = self.queues.get(rcpt)
-        if queue is None:
-            queue = self.queues[rcpt] = asyncio.Queue()
-        return queue
-
-    def _deliver(self, rcpt: str, body: str) -> None:
-        self.count += 1
-        self._queue(rcpt).put_nowait(body)
-
-    async def next(self, rcpt: str, pattern: re.Pattern[str], timeout: float = 20.0) -> str:
-        """The first group of ``pattern`` in the next message to ``rcpt``."""
-        async with asyncio.timeout(timeout):
-            while True:
-                body = await self._queue(rcpt.lower()).get()
-                m = pattern.search(body)
-                if m:
-                    return m.group(1)
+from tests.load.signin import COOKIE, LINK, TOKEN, Inbox, browser, page, sign_in
+from tests.peers.haproxy import HAProxy, Replica, Replicas, haproxy_missing, listen_port
+from tests.peers.postgres import PostgresServer, postgres_missing
+from tests.peers.smtp import LoopbackController
 
 
 # CPU accounting ------------------------------------------------------------------------------
-def _stat(pid: int) -> tuple[float, float]:
-    """(own user+system seconds, reaped children's user+system seconds) of ``pid``."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK, (int(fields[13]) + int(fields[14])) / _TICK
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            out += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return out
-
-
 def postgres_cpu(pg: PostgresServer) -> float:
     """CPU seconds used so far by the whole PostgreSQL server (including exited backends)."""
     postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
-    own, reaped = _stat(postmaster)
-    total = own + reaped
-    for child in _children(postmaster):
+    total = cpu_seconds(postmaster, reaped=True)
+    for child in children(postmaster):
         try:
-            total += _stat(child)[0]
+            total += cpu_seconds(child)
         except OSError:
             continue  # exited between listing and reading: counted in ``reaped`` next time
     return total
-
-
-def machine_busy() -> float:
-    """CPU seconds every process on the machine has used (all cores), from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / _TICK
 
 
 @dataclass
@@ -163,14 +96,14 @@ class Meter:
     wall: float = 0.0
 
     def _now(self) -> dict[str, float]:
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
         return {
             "postgres": postgres_cpu(self.pg),
-            "gateways": sum(_stat(pid)[0] for pid in self.gateways),
-            "haproxy": _stat(self.haproxy)[0],
+            "gateways": sum(cpu_seconds(pid) for pid in self.gateways),
+            "haproxy": cpu_seconds(self.haproxy),
             # this process (client, SMTP server) plus reaped children (wrk)
-            "load": time.process_time() + children.ru_utime + children.ru_stime,
-            "machine": machine_busy(),
+            "load": time.process_time() + reaped.ru_utime + reaped.ru_stime,
+            "machine": machine_cpu_seconds(),
         }
 
     def start(self) -> None:
@@ -254,56 +187,19 @@ async def make_users(
                 },
             )
             await admin.call("POST", f"/api/v1/access-requests/{req['id']}/forward")
-            link = await inbox.next(mail, _LINK)
+            link = await inbox.next(mail, LINK)
             return User(mail, req["id"], link, address(i))
 
     return list(await asyncio.gather(*(one(i) for i in range(first, first + count))))
 
 
-def browser(base_url: str, ssl_ctx: Any, local: str) -> aiohttp.ClientSession:
-    """A browser-like client: one keep-alive connection from ``local``, cookies kept."""
-    return aiohttp.ClientSession(
-        base_url=base_url,
-        connector=aiohttp.TCPConnector(ssl=ssl_ctx, local_addr=(local, 0), limit=1),
-        cookie_jar=aiohttp.CookieJar(unsafe=True),
-    )
-
-
-async def _page(s: aiohttp.ClientSession, method: str, path: str, **kw: Any) -> tuple[int, str, str]:
-    async with s.request(method, path, **kw) as r:
-        return r.status, await r.text(), r.url.path
-
-
-async def sign_in(base_url: str, ssl_ctx: Any, inbox: Inbox, user: User) -> float:
-    """The whole page flow for one user; stores the session cookie; returns seconds taken."""
+async def sign_in_user(base_url: str, ssl_ctx: Any, inbox: Inbox, user: User) -> float:
+    """The whole page flow for one user from its own address; stores the session cookie;
+    returns seconds taken."""
     started = time.perf_counter()
     async with browser(base_url, ssl_ctx, user.address) as s:
-        status, text, _ = await _page(s, "GET", user.link)
-        m = _CSRF.search(text)
-        if status != 200 or m is None:
-            raise RuntimeError(f"link page: {status}")
-        status, text, _ = await _page(s, "POST", f"{user.link}/token", data={"csrf": m.group(1)})
-        m = _CSRF.search(text)
-        if status != 200 or m is None:
-            raise RuntimeError(f"token page: {status} {text[:300]}")
-        token = await inbox.next(user.email, _TOKEN)
-        status, _, path = await _page(
-            s, "POST", f"{user.link}/verify", data={"csrf": m.group(1), "token": token}
-        )
-        if status != 200 or path != "/portal":
-            raise RuntimeError(f"verify: {status} {path}")
-        for c in s.cookie_jar:
-            if c.key == COOKIE:
-                user.cookie = c.value
-    if not user.cookie:
-        raise RuntimeError("no session cookie after verify")
+        user.cookie, _ = await sign_in(s, user.link, lambda: inbox.next(user.email, TOKEN))
     return time.perf_counter() - started
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 async def logins(
@@ -313,7 +209,7 @@ async def logins(
 
     async def one(user: User) -> float:
         async with sem:
-            return await sign_in(base_url, ssl_ctx, inbox, user)
+            return await sign_in_user(base_url, ssl_ctx, inbox, user)
 
     started = time.perf_counter()
     took = await asyncio.gather(*(one(u) for u in users))
@@ -345,7 +241,7 @@ async def revocations(a: Replica, admin_b: Admin, ssl_ctx: Any, users: list[User
     for user in users:
         async with browser(a.public_url, ssl_ctx, user.address) as s:
             s.cookie_jar.update_cookies({COOKIE: user.cookie}, URL(a.public_url))
-            status, _, _ = await _page(s, "GET", "/portal", allow_redirects=False)
+            status, _, _ = await page(s, "GET", "/portal", allow_redirects=False)
             if status != 200:
                 raise RuntimeError(f"A does not serve the session before the revoke: {status}")
             acked: list[float] = []
@@ -355,7 +251,7 @@ async def revocations(a: Replica, admin_b: Admin, ssl_ctx: Any, users: list[User
             async with asyncio.timeout(10):
                 while True:
                     n += 1
-                    status, _, _ = await _page(s, "GET", "/portal", allow_redirects=False)
+                    status, _, _ = await page(s, "GET", "/portal", allow_redirects=False)
                     if status != 200:
                         refused = time.perf_counter()
                         break
@@ -475,7 +371,7 @@ async def bench(args: argparse.Namespace, work: Path, pg: PostgresServer) -> dic
         haproxy = HAProxy(work / "haproxy-1", [a.backend()], port=front, source_clientip=True)
         haproxy.start()
         await asyncio.to_thread(haproxy.wait_states, "UP")
-        await sign_in(f"https://127.0.0.1:{front}", ctx, inbox, loader)
+        await sign_in_user(f"https://127.0.0.1:{front}", ctx, inbox, loader)
         one = await run_phase(
             "1 replica", haproxy, [a], pg, ctx, inbox, users[: args.logins], loader.cookie, args
         )
@@ -517,8 +413,8 @@ async def bench(args: argparse.Namespace, work: Path, pg: PostgresServer) -> dic
         "concurrency": args.concurrency,
         "one": one.figures(),
         "two": two.figures(),
-        "logins_ratio": round(two.login["logins_per_s"] / one.login["logins_per_s"], 2),
-        "portal_ratio": round(two.portal.rps / one.portal.rps, 2),
+        "logins_ratio": ratio(two.login["logins_per_s"], one.login["logins_per_s"], 2),
+        "portal_ratio": ratio(two.portal.rps, one.portal.rps, 2),
         **revoke,
         "revoke_cpu": revoke_cpu,
         "mails": inbox.count,

@@ -36,132 +36,54 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shlex
-import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OUTBOX_TOKEN, ROOT, GatewayProcess, Procs, cpu_seconds, percentile, ratio
+
 sys.path.insert(0, str(ROOT))
+from tests.load.signin import browser, sign_in
+from tests.peers.askpass import askpass_env, put
+from tests.peers.sshd import Sshd, ensure_user
 
-from common import Procs, cpu_seconds, free_port, wait_port  # noqa: E402
-from tests.peers.askpass import askpass_env, put  # noqa: E402
-from tests.peers.sshd import Sshd, ensure_user  # noqa: E402
-
-PY = sys.executable
 GIB = 1024**3
 TERM_USER = "domumtest"
 TERM_PASSWORD = "Tr0ub4dor-and-3"  # a throwaway local account the benchmark creates
 
 
-class Gateway:
-    """``domum-gateway init`` + ``serve`` on loopback ports; talks to its admin API."""
+class Gateway(GatewayProcess):
+    """The gateway under test (its SSH jump server too), granting SSH targets."""
 
     def __init__(self, procs: Procs, work: Path) -> None:
-        self.work = work
-        self.public, self.admin, self.ssh = free_port(), free_port(), free_port()
-        config = work / "config" / "domum.toml"
-        config.parent.mkdir(parents=True)
-        sys.path.insert(0, str(ROOT / "src"))
-        from domum_gateway.config_template import render_config
-
-        text = render_config("localhost", self.public, self.ssh, self.admin)
-        config.write_text(text.replace('listen = "0.0.0.0:', 'listen = "127.0.0.1:'))
-        out = subprocess.run(
-            [PY, "-m", "domum_gateway.cli", "init", "--config", str(config), "--hostname", "localhost"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        ).stdout
-        token = re.search(r"token: (\S+)", out)
-        assert token, out
-        self.token = token.group(1)
-        self.ca = work / "certs" / "ca.crt"
+        super().__init__(procs, work)
         self.host_key = (work / "certs" / "ssh_host_ed25519_key.pub").read_text().strip()
-        self.outbox = work / "var" / "outbox"
-        self.tls = ssl.create_default_context(cafile=str(self.ca))
-        self.proc = procs.start(
-            [PY, "-m", "domum_gateway.cli", "--log-level", "WARNING", "serve", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-        )
-        for port in (self.public, self.admin, self.ssh):
-            wait_port(port)
-        self._seen: set[str] = set()
-
-    def api(self, method: str, path: str, body: Any = None) -> Any:
-        req = urllib.request.Request(
-            f"https://localhost:{self.admin}{path}",
-            method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, context=self.tls, timeout=30) as resp:  # noqa: S310
-            raw = resp.read()
-        return json.loads(raw) if raw and resp.headers.get_content_type().endswith("json") else raw
 
     def grant(self, name: str, targets: dict[str, Sshd]) -> tuple[str, str]:
         """A forwarded grant of ``targets`` (name -> sshd) for a new user; (email, link)."""
-        ids = []
-        for target, sshd in targets.items():
-            body = {
+        bodies = [
+            {
                 "name": target,
                 "protocol": "ssh",
                 "host": "127.0.0.1",
                 "port": sshd.port,
                 "ssh_host_key": sshd.host_key_line,
             }
-            ids.append(self.api("POST", "/api/v1/targets", body)["id"])
-        policy = {
-            "targets": ids,
-            "max_duration": {"value": 30, "unit": "days"},
-            "idle_timeout": {"value": 2, "unit": "hours"},
-            "max_sessions": 10,
-        }
-        group = self.api("POST", "/api/v1/groups", {"name": name, "kind": "internal", "policy": policy})
-        email = f"{name}@example.com"
-        user = self.api("POST", "/api/v1/users", {"group_id": group["id"], "name": name, "email": email})
-        reason = self.api("POST", "/api/v1/reasons", {"label": f"Benchmark {name}"})
-        start = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
-        req = self.api(
-            "POST",
-            "/api/v1/access-requests",
-            {
-                "group_id": group["id"],
-                "user_id": user["id"],
-                "justification": "Benchmark",
-                "reason_id": reason["id"],
-                "start": start,
-                "duration": {"value": 1, "unit": "days"},
-            },
-        )
-        self.api("POST", f"/api/v1/access-requests/{req['id']}/forward")
-        return email, self.from_outbox(r"https://\S+/a/[A-Za-z0-9_-]+")
-
-    def from_outbox(self, pattern: str, timeout: float = 20.0) -> str:
-        """The first match in a message the outbox did not show before."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for path in sorted(self.outbox.glob("*.txt")):
-                if path.name in self._seen:
-                    continue
-                m = re.search(pattern, path.read_text())
-                if m:
-                    self._seen.add(path.name)
-                    return m.group(0)
-            time.sleep(0.02)
-        raise RuntimeError(f"nothing matching {pattern} in {self.outbox}")
+            for target, sshd in targets.items()
+        ]
+        who = self.add_user(name, bodies)
+        _rid, link = self.forward(who)
+        return who.email, link
 
 
 def ssh_config(work: Path, gw: Gateway, target: Sshd, jump: Sshd) -> Path:
@@ -243,29 +165,14 @@ def mb_s(size: int, seconds: float) -> float:
 
 async def web_cookie(gw: Gateway, link: str) -> str:
     """Sign in through the public pages like a browser; return the session cookie."""
+
+    async def token() -> str:
+        return await asyncio.to_thread(gw.from_outbox, OUTBOX_TOKEN)
+
     base = f"https://localhost:{gw.public}"
-    jar = aiohttp.CookieJar(unsafe=True)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=gw.tls), cookie_jar=jar) as s:
-        headers = {"Origin": base}
-        async with s.get(link) as r:
-            csrf = re.search(r'name="csrf" value="([^"]+)"', await r.text())
-        assert csrf, "no csrf field on the link page"
-        async with s.post(link + "/token", data={"csrf": csrf.group(1)}, headers=headers) as r:
-            page = await r.text()
-        csrf = re.search(r'name="csrf" value="([^"]+)"', page)
-        assert csrf, "no csrf field on the token page"
-        token = gw.from_outbox(r"\b\d{8}\b")
-        async with s.post(
-            link + "/verify",
-            data={"csrf": csrf.group(1), "token": token},
-            headers=headers,
-            allow_redirects=False,
-        ) as r:
-            assert r.status == 303, r.status
-        for cookie in jar:
-            if cookie.key == "__Host-domum":
-                return cookie.value
-    raise RuntimeError("no session cookie after verify")
+    async with browser(base, gw.tls, headers={"Origin": base}) as s:
+        cookie, _portal = await sign_in(s, URL(link).path, token)
+    return cookie
 
 
 async def keystroke_latency(gw: Gateway, cookie: str, target: str, keys: int) -> list[float]:
@@ -307,11 +214,6 @@ async def keystroke_latency(gw: Gateway, cookie: str, target: str, keys: int) ->
     return samples
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -350,7 +252,7 @@ def main() -> int:
 
             def hand_token() -> None:
                 # The token exists once the helper answered the link prompt.
-                put(askdir / "token", gw.from_outbox(r"\b\d{8}\b"))
+                put(askdir / "token", gw.from_outbox(OUTBOX_TOKEN))
 
             for run in range(args.runs):
                 seconds, _ = transfer(cfg, [], target.port, size)
@@ -389,12 +291,12 @@ def main() -> int:
         "openssh_jump_mb_s": round(med["openssh"], 1),
         "openssh_jump_aes_gcm_mb_s": round(med["openssh_gcm"], 1),
         "gateway_jump_mb_s": round(med["gateway"], 1),
-        "gateway_vs_openssh_jump": round(med["gateway"] / med["openssh"], 3),
-        "gateway_vs_openssh_jump_aes_gcm": round(med["gateway"] / med["openssh_gcm"], 3),
+        "gateway_vs_openssh_jump": ratio(med["gateway"], med["openssh"]),
+        "gateway_vs_openssh_jump_aes_gcm": ratio(med["gateway"], med["openssh_gcm"]),
         "gateway_cpu_s_per_gib": round(med["cpu"] / (size / GIB), 2),
         "gateway_sign_in_s": round(med["login"], 2),
-        "keystroke_p50_ms": round(percentile(samples, 0.50) * 1000, 3),
-        "keystroke_p99_ms": round(percentile(samples, 0.99) * 1000, 3),
+        "keystroke_p50_ms": round(percentile(samples, 50) * 1000, 3),
+        "keystroke_p99_ms": round(percentile(samples, 99) * 1000, 3),
         "keystrokes": len(samples),
         "runs_mb_s": {
             k: [round(x, 1) for x in results[k]] for k in ("direct", "openssh", "openssh_gcm", "gateway")

@@ -36,27 +36,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import re
-import resource
 import shutil
-import signal
 import socket
-import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-ROOT = Path(__file__).resolve().parent.parent
-PY = sys.executable
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+from common import (
+    OUTBOX_TOKEN,
+    PY,
+    ROOT,
+    GatewayProcess,
+    cpu_seconds,
+    free_port,
+    raise_nofile,
+    ratio,
+    rss_kib,
+    wait_port,
+)
+
 CHUNK = 1024 * 1024
 TRANSFER_TIMEOUT = 300.0
 IDLE_TUNNELS = 5000
@@ -208,65 +216,15 @@ def role_forwarder(url: str, ca: str) -> None:
 # ---------------------------------------------------------------------------------------
 # helpers for the parent
 # ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class Procs(common.Procs):
+    """Children that talk to this process over pipes (text): a role runs until its stdin
+    closes; the rest have their stdout read or discarded."""
 
-
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of ``pids`` and their reaped children (socat and websockify fork)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-    return total / tick
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-class Procs:
-    """Child processes, stopped by their pid (never by name) when the bench ends."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[str]] = []
-
-    def start(self, args: list[str], **kw: Any) -> subprocess.Popen[str]:
+    def start(self, args: list[str], **kw: Any) -> subprocess.Popen[Any]:
         kw.setdefault("stdin", subprocess.PIPE)
         kw.setdefault("stdout", subprocess.PIPE)
         kw.setdefault("stderr", subprocess.DEVNULL)
-        proc = subprocess.Popen(args, text=True, **kw)
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                with contextlib.suppress(Exception):
-                    if proc.stdin:
-                        proc.stdin.close()
-                proc.send_signal(signal.SIGTERM)
-        for proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        return super().start(args, text=True, **kw)
 
 
 def upload(port: int, size: int) -> float:
@@ -306,107 +264,25 @@ def download(port: int, size: int) -> float:
 # ---------------------------------------------------------------------------------------
 # the gateway under test
 # ---------------------------------------------------------------------------------------
-class Gateway:
+class Gateway(GatewayProcess):
+    """The gateway under test with one user granted ``targets`` (name -> port) over TCP."""
+
     def __init__(self, procs: Procs, work: Path, targets: dict[str, int]) -> None:
-        self.procs = procs
-        self.work = work
-        self.public = free_port()
-        self.admin = free_port()
-        config = work / "config" / "domum.toml"
-        config.parent.mkdir(parents=True)
-        sys.path.insert(0, str(ROOT / "src"))
-        from domum_gateway.config_template import render_config
-
-        text = render_config("localhost", self.public, free_port(), self.admin)
-        config.write_text(text.replace('listen = "0.0.0.0:', 'listen = "127.0.0.1:'))
-        self.config = config
-        out = subprocess.run(
-            [PY, "-m", "domum_gateway.cli", "init", "--config", str(config), "--hostname", "localhost"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        ).stdout
-        token = re.search(r"token: (\S+)", out)
-        assert token, out
-        self.token = token.group(1)
-        self.ca = work / "certs" / "ca.crt"
-        self.outbox = work / "var" / "outbox"
-        self.ctx = ssl.create_default_context(cafile=str(self.ca))
         # BENCH_SERVE_FLAGS="-O" runs the gateway with assertions stripped.
-        flags = os.environ.get("BENCH_SERVE_FLAGS", "").split()
-        serve = [PY, *flags, "-m", "domum_gateway.cli", "--log-level", "WARNING", "serve"]
-        self.proc = procs.start([*serve, "--config", str(config)], stdout=subprocess.DEVNULL)
-        wait_port(self.public)
-        wait_port(self.admin)
-        self.link = self._grant(targets)
-
-    def api(self, method: str, path: str, body: Any = None) -> Any:
-        req = urllib.request.Request(
-            f"https://localhost:{self.admin}{path}",
-            method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, context=self.ctx, timeout=30) as resp:  # noqa: S310
-            raw = resp.read()
-        return json.loads(raw) if raw and resp.headers.get_content_type().endswith("json") else raw
-
-    def _grant(self, targets: dict[str, int]) -> str:
-        ids = []
-        for name, port in targets.items():
-            body = {"name": name, "protocol": "tcp", "host": "127.0.0.1", "port": port}
-            ids.append(self.api("POST", "/api/v1/targets", body)["id"])
-        policy = {
-            "targets": ids,
-            "max_duration": {"value": 30, "unit": "days"},
-            "idle_timeout": {"value": 2, "unit": "hours"},
-            "max_sessions": 10,
-        }
-        group = self.api("POST", "/api/v1/groups", {"name": "bench", "kind": "internal", "policy": policy})
-        user = self.api(
-            "POST", "/api/v1/users", {"group_id": group["id"], "name": "Bench", "email": "bench@example.com"}
-        )
-        reason = self.api("POST", "/api/v1/reasons", {"label": "Benchmark"})
-        start = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
-        req = self.api(
-            "POST",
-            "/api/v1/access-requests",
-            {
-                "group_id": group["id"],
-                "user_id": user["id"],
-                "justification": "Benchmark",
-                "reason_id": reason["id"],
-                "start": start,
-                "duration": {"value": 1, "unit": "days"},
-            },
-        )
-        self.api("POST", f"/api/v1/access-requests/{req['id']}/forward")
-        return self._from_outbox(r"https://\S+/a/[A-Za-z0-9_-]+", set())
-
-    def _from_outbox(self, pattern: str, seen: set[str], timeout: float = 15.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for path in sorted(self.outbox.glob("*.txt"), reverse=True):
-                if path.name in seen:
-                    continue
-                m = re.search(pattern, path.read_text())
-                if m:
-                    seen.add(path.name)
-                    return m.group(0)
-            time.sleep(0.05)
-        raise RuntimeError(f"nothing matching {pattern} in the outbox")
+        super().__init__(procs, work, serve_flags=os.environ.get("BENCH_SERVE_FLAGS", "").split())
+        self.procs = procs
+        bodies = [{"name": n, "protocol": "tcp", "host": "127.0.0.1", "port": p} for n, p in targets.items()]
+        _rid, self.link = self.forward(self.add_user("bench", bodies))
 
     def connect(self, target: str) -> tuple[subprocess.Popen[str], int]:
         """Start ``domum-gateway connect`` for ``target``; returns (process, local port)."""
-        seen = {p.name for p in self.outbox.glob("*.txt")}
         log = open(self.work / f"connect-{target}.log", "w")  # closed when the bench exits
         flags = os.environ.get(f"BENCH_CONNECT_FLAGS_{target.upper()}", "").split()
         cmd = [PY, *flags, "-m", "domum_gateway.cli", "connect", self.link, "--target", target]
         cmd += ["--listen", "127.0.0.1:0", "--token-stdin", "--ca", str(self.ca), "--status-interval", "3600"]
         proc = self.procs.start(cmd, stderr=log)
         try:
-            token = self._from_outbox(r"\b\d{8}\b", seen)
+            token = self.from_outbox(OUTBOX_TOKEN, timeout=15.0)
         except RuntimeError:
             time.sleep(0.5)
             raise RuntimeError(
@@ -505,8 +381,7 @@ def main() -> int:
         role_aiohttp_bridge(args.target_port, args.cert, args.key)
         return 0
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
+    raise_nofile()
     procs = Procs()
     work = Path(tempfile.mkdtemp(prefix="domum-bench-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -587,10 +462,12 @@ def main() -> int:
                 up_port, down_port = cases[name]
                 entry = results.setdefault(name, {"up": [], "down": [], "cpu_up": [], "cpu_down": []})
                 for direction, fn, port in (("up", upload, up_port), ("down", download, down_port)):
-                    cpu0 = [cpu_seconds([p]) for p in relays[name]]
+                    # with reaped children: socat and websockify fork one per connection
+                    cpu0 = [cpu_seconds(p, reaped=True) for p in relays[name]]
                     entry[direction].append(fn(port, size))
                     time.sleep(0.2)  # let forked relays be reaped into their parent's counters
-                    spent = [(cpu_seconds([p]) - c) / gib for p, c in zip(relays[name], cpu0, strict=True)]
+                    cpu1 = [cpu_seconds(p, reaped=True) for p in relays[name]]
+                    spent = [(c1 - c0) / gib for c0, c1 in zip(cpu0, cpu1, strict=True)]
                     entry[f"cpu_{direction}"].append(sum(spent))
                     if os.environ.get("BENCH_CPU_DETAIL"):
                         print(f"    {name} {direction} cpu-s/GiB per process: {[round(x, 2) for x in spent]}")
@@ -620,7 +497,7 @@ def main() -> int:
         for ref in ("socat", "socat_b256k", "websockify", "aiohttp_bridge", "direct"):
             if ref in medians:
                 for d in ("up", "down"):
-                    ratios[f"gateway_vs_{ref}_{d}"] = round(g[d] / medians[ref][d], 3)
+                    ratios[f"gateway_vs_{ref}_{d}"] = ratio(g[d], medians[ref][d])
     print()
     print(f"{'case':14s} {'up MB/s':>10s} {'down MB/s':>10s} {'relay cpu-s/GiB up':>20s} {'down':>6s}")
     for n, m in medians.items():

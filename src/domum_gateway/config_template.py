@@ -81,6 +81,9 @@ trusted_proxies = []
 listen = "0.0.0.0:{ssh_port}"
 # The gateway's own SSH host key (Ed25519, OpenSSH format); created by init.
 host_key = "../certs/ssh_host_ed25519_key"
+# Seconds an SSH target has, once TCP connects, to finish version and key exchange and
+# ask for credentials (browser terminal); typing the password has its own, longer limit.
+handshake_timeout = 15.0
 
 [admin]
 # Control API (/api/v1), admin console (/admin), /metrics, /healthz, /readyz.

@@ -158,10 +158,13 @@ class PublicSettings:
 
 @dataclass(frozen=True, slots=True)
 class SshSettings:
-    """The SSH jump listener for native OpenSSH clients."""
+    """The SSH jump listener for native OpenSSH clients, and the browser terminal's SSH client."""
 
     listen: HostPort
     host_key: Path
+    # Seconds a target has, once TCP connects, to exchange versions and keys and ask for
+    # credentials; the person's typing afterwards has its own, longer limit.
+    handshake_timeout: float = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +400,7 @@ def _ssh(sec: _Section) -> SshSettings:
     return SshSettings(
         listen=sec.hostport("listen", "0.0.0.0:2222"),
         host_key=sec.path("host_key", "../certs/ssh_host_ed25519_key"),
+        handshake_timeout=sec.seconds("handshake_timeout", 15.0),
     )
 
 

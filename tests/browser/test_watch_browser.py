@@ -10,41 +10,22 @@ session shows its reason on the page. Screenshot: docs/screenshots/console-watch
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Browser, expect
 
 from ..conftest import Running
 from ..integration.helpers import call
-from ..integration.test_ssh_terminal import PASSWORD, USER, Term, sign_in_to_target, signed_in, ws_client
-from ..peers.sshd import Sshd, ensure_user, sshd_available
-from .conftest import SCREENSHOTS
-
-_BUFFER_TEXT = """() => {
-  const b = window.domumWatch.buffer.active;
-  const out = [];
-  for (let i = 0; i < b.length; i++) out.push(b.getLine(i).translateToString(true));
-  return out.join("\\n");
-}"""
+from ..integration.test_ssh_terminal import Term, sign_in_to_target, ws_client
+from .conftest import SCREENSHOTS, on_screen
 
 
 @pytest.fixture
-def pam_sshd(tmp_path: Path) -> Iterator[Sshd]:
-    if not sshd_available():
-        pytest.skip("needs root and Debian openssh-server")
-    ensure_user(USER, PASSWORD)
-    with Sshd.running(tmp_path / "sshd", password=True) as sshd:
-        yield sshd
-
-
-@pytest.fixture
-async def user_terminal(running: Running, pam_sshd: Sshd) -> AsyncIterator[Term]:
+async def user_terminal(running: Running, ssh_signed_in: tuple[str, str]) -> AsyncIterator[Term]:
     """The remote user's browser terminal, signed in to the target's shell."""
-    _sd, _rid, cookie = await signed_in(running, pam_sshd)
+    _rid, cookie = ssh_signed_in
     async with ws_client(running, cookie) as s:
         ws = await s.ws_connect(f"{running.public_url}/ws/ssh/db01", headers={"Origin": running.public_url})
         term = Term(ws)
@@ -52,17 +33,6 @@ async def user_terminal(running: Running, pam_sshd: Sshd) -> AsyncIterator[Term]
         await sign_in_to_target(term)
         await term.expect("$ ")
         yield term
-
-
-async def on_screen(page: Page, needle: str, timeout: float = 15.0) -> str:
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        text = str(await page.evaluate(_BUFFER_TEXT))
-        if needle in text:
-            return text
-        await page.wait_for_timeout(50)
-    raise AssertionError(f"{needle!r} not on the watch screen:\n{text}")
 
 
 async def test_watch_page_in_chromium(running: Running, user_terminal: Term, browser: Browser) -> None:
@@ -85,11 +55,11 @@ async def test_watch_page_in_chromium(running: Running, user_terminal: Term, bro
 
     # The user is told; the watcher's terminal takes the user's size and shows their shell.
     await term.expect("*** auditor (auditor) is watching this session ***")
-    await on_screen(page, "is watching this session")
+    await on_screen(page, "is watching this session", "domumWatch")
     size: Any = await page.evaluate("[window.domumWatch.cols, window.domumWatch.rows]")
     assert size == [90, 20]
     await term.type("echo seen-in-$((2*2))-browsers\r")
-    await on_screen(page, "seen-in-4-browsers")
+    await on_screen(page, "seen-in-4-browsers", "domumWatch")
     assert "seen-in-4-browsers" in await page.locator(".xterm-rows").inner_text()
 
     # Typing on the watch page goes nowhere.
@@ -98,7 +68,7 @@ async def test_watch_page_in_chromium(running: Running, user_terminal: Term, bro
     await page.keyboard.press("Enter")
     await term.type("echo user-$((3+3))\r")
     await term.expect("user-6\r\n")
-    await on_screen(page, "user-6")
+    await on_screen(page, "user-6", "domumWatch")
     assert "FROM-2-WATCHER" not in term.seen.decode(errors="replace")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(SCREENSHOTS / "console-watch.png"))

@@ -5,6 +5,10 @@ Each error status the gateway emits is provoked for real, on the listener that e
 unexpected exception inside a handler (a store method made to fail with a message full
 of internals). Every body is checked against the same patterns; the statuses seen are
 checked too, so a case that stops producing its status fails instead of passing empty.
+
+408 is provoked by clients that stall: a head that never ends (a page route and ``/t/``,
+cut by the head timeout) and a ``/t/`` request body that stops (cut by the proxy's read
+timeout, shortened here). The gateway answers those with an empty 408 and closes.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import aiohttp
 import pytest
 
 import domum_gateway.errors
+from domum_gateway.proxy import http_proxy
+from domum_gateway.proxy.http_proxy import HTTP_PROXY
 
 from ..conftest import Running
 from ..integration.helpers import call, create_forwarded, seed
@@ -87,8 +93,8 @@ async def user(running: Running) -> AsyncIterator[ProxyEnv]:
         yield env
 
 
-async def _public(run: Running, seen: Seen, raw: bytes, where: str = "public") -> int:
-    got = await exchange(run.public_url, run.ssl, raw, timeout=3)
+async def _public(run: Running, seen: Seen, raw: bytes, where: str = "public", timeout: float = 3) -> int:
+    got = await exchange(run.public_url, run.ssl, raw, timeout=timeout)
     status = status_of(got) or 0
     seen.check(where, status, _body(got))
     return status
@@ -100,6 +106,10 @@ async def test_public_listener_error_bodies(
     seen = Seen()
     host = _host(running)
     cookie = b"Cookie: __Host-domum=" + user.cookie.encode() + b"\r\n"
+    # Short head and read timeouts for the 408 cases (set before any target connection
+    # exists: a connection keeps the read timeout it was made with).
+    monkeypatch.setattr(http_proxy, "_HEAD_TIMEOUT", 1.0)
+    monkeypatch.setattr(running.gateway.public_app[HTTP_PROXY].upstreams, "read_timeout", 1.0)
 
     def get(path: bytes, extra: bytes = b"", method: bytes = b"GET") -> bytes:
         return (
@@ -142,6 +152,15 @@ async def test_public_listener_error_bodies(
         status = await _public(running, seen, raw)
         assert status in expected, (raw[:120], status)
 
+    # 408: clients that stall in a head (page route, /t/) or in a proxied request body.
+    for raw in (
+        b"GET /portal HTTP/1.1\r\nHost: " + host + b"\r\n",
+        b"GET /t/wiki/x HTTP/1.1\r\nHost: " + host + b"\r\n" + cookie,
+        get(b"/t/wiki/upload", cookie + b"Content-Length: 1000\r\n", b"POST") + b"x" * 10,
+    ):
+        status = await _public(running, seen, raw, "stalled", timeout=5)
+        assert status == 408, (raw[:120], status)
+
     # 500: an unexpected exception deep inside a page handler, with internals in its text.
     store = running.gateway.store
 
@@ -160,7 +179,7 @@ async def test_public_listener_error_bodies(
     assert status == 429
 
     statuses = set().union(*seen.statuses.values())
-    assert {400, 401, 403, 404, 405, 426, 429, 502} <= statuses, statuses
+    assert {400, 401, 403, 404, 405, 408, 426, 429, 502} <= statuses, statuses
 
 
 @pytest.fixture

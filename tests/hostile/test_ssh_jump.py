@@ -2,22 +2,31 @@
 
 The OpenSSH-driven refusals (agent, X11, ``-L`` outside the grant, ``-R``, shells) are
 in ``tests/integration/test_jump.py``; these cases need a client no real one would be.
+The last tests put hostile targets behind the jump (accept TCP and never finish the SSH
+handshake, or never accept at all): the gateway only relays bytes to them, so only its
+TCP connect timeout is its own business; the handshake is the client's, end to end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import struct
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import asyncssh
 import pytest
 
 from ..conftest import Running
-from ..integration.helpers import create_forwarded
-from ..integration.test_jump import jump_client, seed_ssh
+from ..integration.helpers import Seed, create_forwarded, seed
+from ..integration.test_jump import audit_events, jump_client, seed_ssh
+from ..peers.askpass import JumpClient
 from ..peers.sshd import Sshd, sshd_available
+from .test_terminal_socket import GREETINGS, HostileTarget
 
 pytestmark = pytest.mark.asyncio
 
@@ -222,3 +231,198 @@ async def test_subsystem_request_is_refused(running: Running, tmp_path: Path) ->
         )
     assert result.returncode == 255, result.stderr
     assert "does not run shells or commands" in result.stderr
+
+
+# hostile targets behind the jump ------------------------------------------------------
+class _SignIn(asyncssh.SSHClient):
+    """Answers the jump server's prompts: the personal link, then the token from the mail."""
+
+    def __init__(self, run: Running, email: str, link: str) -> None:
+        self._run, self._email, self._link = run, email, link
+        self._before = 0
+
+    def kbdint_auth_requested(self) -> str:
+        return ""
+
+    async def kbdint_challenge_received(
+        self, name: str, instructions: str, lang: str, prompts: Sequence[tuple[str, bool]]
+    ) -> list[str]:
+        if not prompts:
+            return []
+        if prompts[0][0] == "Personal link: ":
+            self._before = len(self._run.mailbox.messages)
+            return [self._link]
+        await self._run.mailbox.wait_count(self._before + 1)
+        return [self._run.mailbox.last_token(self._email)]
+
+
+async def _seed_target(run: Running, port: int) -> tuple[Seed, str]:
+    key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    sd = await seed(
+        run,
+        target={"name": "db01", "protocol": "ssh", "host": "127.0.0.1", "port": port, "ssh_host_key": key},
+    )
+    _rid, link = await create_forwarded(run, sd)
+    return sd, link
+
+
+async def _jump(run: Running, sd: Seed, link: str) -> asyncssh.SSHClientConnection:
+    """An SSH connection to the jump listener, signed in as ``sd``'s user."""
+    host_key = run.gateway.settings.ssh.host_key
+    pinned = asyncssh.read_public_key(host_key.with_name(host_key.name + ".pub"))
+    client = _SignIn(run, sd.email, link)
+    return await asyncio.wait_for(
+        asyncssh.connect(
+            "127.0.0.1",
+            run.gateway.ssh_port(),
+            username=sd.email,
+            client_factory=lambda: client,
+            known_hosts=([pinned], [], []),
+            config=[],
+            client_keys=[],
+            agent_path=None,
+            password_auth=False,
+            kbdint_auth=True,
+        ),
+        15,
+    )
+
+
+async def _registry_empty(run: Running, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while run.gateway.sessions.connections():
+        assert time.monotonic() < deadline, run.gateway.sessions.connections()
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("behaviour", list(GREETINGS))
+async def test_channel_to_a_stalling_target_opens_at_once_and_relays_it_verbatim(
+    running: Running, behaviour: str
+) -> None:
+    """The gateway waits for nothing from the target after TCP connects: the channel opens
+    at once, whatever the target sends (or not) reaches the client unparsed, and when the
+    client gives up on it the gateway lets go of the target; the jump connection lives on."""
+    greeting = GREETINGS[behaviour]
+    async with HostileTarget(greeting) as target:
+        sd, link = await _seed_target(running, target.port)
+        async with await _jump(running, sd, link) as conn:
+            started = time.monotonic()
+            reader, writer = await asyncio.wait_for(conn.open_connection("127.0.0.1", target.port), 5)
+            assert time.monotonic() - started < 1
+            assert await asyncio.wait_for(reader.readexactly(len(greeting)), 5) == greeting
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.read(1), 0.3)
+            writer.write(b"SSH-2.0-client\r\n")
+            deadline = time.monotonic() + 3
+            while bytes(target.received) != b"SSH-2.0-client\r\n":
+                assert time.monotonic() < deadline, bytes(target.received)
+                await asyncio.sleep(0.02)
+            assert [c.protocol for c in running.gateway.sessions.connections()] == ["ssh-jump"]
+            writer.close()  # the client's ssh gives up on the handshake
+            await target.all_closed()
+            # The same signed-in connection opens the next channel just as fast.
+            _reader, writer = await asyncio.wait_for(conn.open_connection("db01", 22), 5)
+            writer.close()
+            await target.all_closed()
+            assert target.accepted == 2
+        await _registry_empty(running)
+    [opened, _again] = await audit_events(running, "ssh.channel.opened", 2)
+    assert opened["details"]["target"] == "db01"
+
+
+@contextlib.contextmanager
+def _blackhole() -> Iterator[int]:
+    """A port whose TCP handshake never completes: a listener with a full accept queue
+    (backlog 0 and one connection never accepted), so Linux drops further SYNs."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = int(listener.getsockname()[1])
+        with socket.create_connection(("127.0.0.1", port), 1):
+            yield port
+
+
+async def test_target_that_never_accepts_tcp_fails_the_channel_within_connect_timeout(
+    running: Running,
+) -> None:
+    running.gateway.jump.connect_timeout = 1.0
+    with _blackhole() as port:
+        sd, link = await _seed_target(running, port)
+        async with await _jump(running, sd, link) as conn:
+            started = time.monotonic()
+            with pytest.raises(asyncssh.ChannelOpenError) as exc:
+                await asyncio.wait_for(conn.open_connection("127.0.0.1", port), 5)
+            elapsed = time.monotonic() - started
+            assert 0.9 <= elapsed < 2.5, elapsed
+            assert exc.value.code == asyncssh.OPEN_CONNECT_FAILED
+            assert exc.value.reason == "db01 could not be reached from the gateway"
+            assert len(running.gateway.sessions.connections()) == 1  # the jump itself lives on
+        await _registry_empty(running)
+    [event] = await audit_events(running, "ssh.channel.refused", 1)
+    assert event["details"]["reason"] == "unreachable" and event["details"]["target"] == "db01"
+
+
+async def test_client_leaving_during_the_tcp_connect_leaves_no_target_connection(
+    running: Running,
+) -> None:
+    """The client closes its SSH connection while the gateway still dials the target; when
+    the dial completes later, the gateway closes it at once instead of holding it open."""
+    loop = asyncio.get_running_loop()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        listener.setblocking(False)
+        port = int(listener.getsockname()[1])
+        filler = socket.create_connection(("127.0.0.1", port), 1)  # the accept queue is full
+        sd, link = await _seed_target(running, port)
+        conn = await _jump(running, sd, link)
+        opening = asyncio.ensure_future(conn.open_connection("127.0.0.1", port))
+        await asyncio.sleep(0.3)  # the request reached the gateway, whose SYN was dropped
+        conn.close()
+        await conn.wait_closed()
+        with contextlib.suppress(asyncssh.Error, OSError):
+            await opening
+        # Make room: the gateway's SYN, sent again after a second, now gets through.
+        accepted, _ = listener.accept()
+        accepted.close()
+        filler.close()
+        dialled, _ = await asyncio.wait_for(loop.sock_accept(listener), 3)
+        with dialled:
+            dialled.setblocking(False)
+            assert await asyncio.wait_for(loop.sock_recv(dialled, 1), 2) == b""  # closed at once
+    await _registry_empty(running)
+    assert 'domum_sessions_active{protocol="ssh"} 0.0' in running.gateway.metrics.render().decode()
+
+
+async def test_openssh_through_the_jump_bounds_a_silent_target_itself(
+    running: Running, tmp_path: Path
+) -> None:
+    """The real client over ``-J``: its own ConnectTimeout covers the target's banner,
+    end to end through the channel, and its exit ends the gateway's side too."""
+    async with HostileTarget(b"") as target:
+        sd, link = await _seed_target(running, target.port)
+        host_key = running.gateway.settings.ssh.host_key
+        key_pub = host_key.with_name(host_key.name + ".pub").read_text()
+        jc = JumpClient(tmp_path / "client", running.gateway.ssh_port(), key_pub, sd.email)
+        started = time.monotonic()
+        result = await jc.run(
+            "-o",
+            "ConnectTimeout=2",
+            "-o",
+            "BatchMode=yes",
+            "-J",
+            "gw",
+            "-p",
+            str(target.port),
+            "root@127.0.0.1",
+            "true",
+            link=link,
+            mailbox=running.mailbox,
+            email=sd.email,
+            timeout=10,
+        )
+        assert time.monotonic() - started < 8
+        assert result.returncode == 255, result.stderr
+        assert "timed out during banner exchange" in result.stderr, result.stderr
+        await target.all_closed()
+    await _registry_empty(running)

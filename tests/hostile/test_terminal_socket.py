@@ -3,7 +3,8 @@
 Missing cookie, a foreign Origin, ``Origin: null`` and revoke during a live SSH session
 are in ``tests/integration/test_ssh_terminal.py``; here the cases a browser would never
 send. The target points at a closed port: everything below happens at the ``login as:``
-prompt, before the gateway dials the target.
+prompt, before the gateway dials the target. The last tests dial hostile targets instead
+(:class:`HostileTarget`): hosts that accept TCP and never finish the SSH handshake.
 """
 
 from __future__ import annotations
@@ -13,12 +14,20 @@ import base64
 import contextlib
 import os
 import struct
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
 
 import asyncssh
 import pytest
 
 from ..conftest import Running
 from ..integration.helpers import call, create_forwarded, login_direct, seed
+from ..integration.test_ssh_terminal import PASSWORD, USER
+from ..peers.public_client import gateway_with
+from ..peers.smtp import Mailbox
+from ..peers.sshd import Sshd, ensure_user, sshd_available
 from .raw import open_raw
 
 pytestmark = pytest.mark.asyncio
@@ -245,3 +254,185 @@ async def test_frames_after_revoke_reach_nothing(running: Running, cookie: tuple
         assert code == 1008
     finally:
         again.close()
+
+
+# hostile targets ---------------------------------------------------------------------
+HANDSHAKE = 1.0  # ssh.handshake_timeout of the gateway below (the default is 15 s)
+
+GREETINGS = {
+    "silent": b"",
+    "banner_only": b"SSH-2.0-x\r\n",
+    "banner_and_garbage": b"SSH-2.0-x\r\n" + b"\xde\xad\xbe\xef" * 64,
+    # A packet header promising 1 KiB, then 100 bytes of it: a stall inside the first packet.
+    "banner_and_half_a_packet": b"SSH-2.0-x\r\n" + struct.pack(">IB", 1020, 8) + bytes(95),
+}
+
+
+class HostileTarget:
+    """A TCP "SSH target" on 127.0.0.1: greets each connection with ``greeting``, then
+    reads whatever comes and never answers, until the peer closes."""
+
+    def __init__(self, greeting: bytes) -> None:
+        self.greeting = greeting
+        self.accepted = 0
+        self.received = bytearray()
+        self.port = 0
+        self._open: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Event()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> HostileTarget:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._open):
+            writer.close()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=2)
+        await self._server.wait_closed()
+
+    @property
+    def open(self) -> int:
+        """Connections the gateway still holds to this target."""
+        return len(self._open)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self.accepted += 1
+        self._open.add(writer)
+        try:
+            writer.write(self.greeting)
+            await writer.drain()
+            while data := await reader.read(65536):
+                self.received += data
+        except ConnectionError:
+            pass
+        finally:
+            self._open.discard(writer)
+            writer.close()
+            self._handlers.discard(task)
+            self._changed.set()
+
+    async def all_closed(self, timeout: float = 3.0) -> None:
+        """Wait until every connection to this target was closed by the gateway."""
+        deadline = time.monotonic() + timeout
+        while self._open:
+            self._changed.clear()
+            left = deadline - time.monotonic()
+            assert left > 0, f"the gateway still holds {len(self._open)} connection(s) to the target"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+
+
+@pytest.fixture
+async def quick(tmp_path: Path, mailbox: tuple[Mailbox, int]) -> AsyncIterator[Running]:
+    """A gateway whose browser terminal gives SSH targets ``HANDSHAKE`` seconds to handshake."""
+    async with gateway_with(tmp_path, mailbox, ssh={"handshake_timeout": HANDSHAKE}) as run:
+        yield run
+
+
+async def _grant(run: Running, port: int) -> tuple[str, str]:
+    """Sign in with a grant for target ``db01`` at 127.0.0.1:``port``; (target id, cookie)."""
+    key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    sd = await seed(
+        run,
+        target={"name": "db01", "protocol": "ssh", "host": "127.0.0.1", "port": port, "ssh_host_key": key},
+    )
+    _rid, link = await create_forwarded(run, sd)
+    return sd.target_id, await login_direct(run, sd, link)
+
+
+async def _registry_empty(run: Running, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while run.gateway.sessions.connections():
+        assert time.monotonic() < deadline, run.gateway.sessions.connections()
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("behaviour", list(GREETINGS))
+async def test_target_that_never_finishes_the_handshake_is_given_up_on(
+    quick: Running, behaviour: str
+) -> None:
+    """Silent, banner then nothing, banner then garbage, banner then half a packet: within
+    ``ssh.handshake_timeout`` of dialling (not the 3 minutes a person has to type a
+    password) the terminal says so, closes with 1008, audits it and lets go of the target."""
+    async with HostileTarget(GREETINGS[behaviour]) as target:
+        _tid, cookie = await _grant(quick, target.port)
+        sock = await _open(quick, cookie)
+        try:
+            await sock.send(_frame(OP_BINARY, b"root\r"))
+            started = time.monotonic()
+            await sock.until(b"did not complete the SSH handshake", timeout=HANDSHAKE + 3)
+            code, reason = await sock.close_code(HANDSHAKE + 3)
+            elapsed = time.monotonic() - started
+            await sock.send(_frame(OP_CLOSE, struct.pack(">H", 1000)))
+        finally:
+            sock.close()
+        assert target.accepted == 1
+        assert target.received.startswith(b"SSH-2.0-")  # the gateway did dial it as SSH
+        assert elapsed < HANDSHAKE + 1.5, elapsed
+        if behaviour != "banner_and_garbage":  # garbage may be refused sooner, on sight
+            assert elapsed >= HANDSHAKE - 0.1, elapsed
+        assert code == 1008, (code, reason)
+        assert reason.startswith("db01 did not complete the SSH handshake"), reason
+        text = sock.seen.decode(errors="replace")
+        for leak in ("Traceback", "asyncssh", "Error", "\ufffd", "\xde"):
+            assert leak not in text, text  # no stack trace, exception name or target bytes
+        await target.all_closed()
+    await _registry_empty(quick)
+    async with quick.admin() as s:
+        st, page = await call(s, "GET", "/api/v1/audit?type=ssh.terminal.refused&limit=10")
+    assert st == 200, page
+    [event] = page["items"]
+    assert event["details"]["target"] == "db01"
+    if behaviour == "banner_and_garbage":
+        assert event["outcome"] in ("handshake_timeout", "handshake_failed"), event
+    else:
+        assert event["outcome"] == "handshake_timeout", event
+        assert event["details"]["timeout"] == f"{HANDSHAKE:g}"
+        assert "within 1 s." in text
+
+
+@pytest.mark.skipif(not sshd_available(), reason="needs root and Debian openssh-server")
+async def test_real_sshd_after_a_hostile_one_and_a_slow_typist(quick: Running, tmp_path: Path) -> None:
+    """The handshake limit ends when the target asks for credentials: a person who takes
+    longer than it to type the password still signs in, on the same gateway and session
+    right after a silent target was given up on."""
+    async with HostileTarget(b"") as target:
+        tid, cookie = await _grant(quick, target.port)
+        sock = await _open(quick, cookie)
+        try:
+            await sock.send(_frame(OP_BINARY, b"root\r"))
+            await sock.until(b"did not complete the SSH handshake", timeout=HANDSHAKE + 3)
+            await sock.close_code()
+        finally:
+            sock.close()
+        await target.all_closed()
+    await _registry_empty(quick)
+    ensure_user(USER, PASSWORD)
+    with Sshd.running(tmp_path / "pam", password=True) as sshd:
+        async with quick.admin() as s:
+            body = {"port": sshd.port, "ssh_host_key": sshd.host_key_line}
+            st, t = await call(s, "PATCH", f"/api/v1/targets/{tid}", body)
+            assert st == 200, t
+        sock = await _open(quick, cookie)
+        try:
+            await sock.send(_frame(OP_BINARY, f"{USER}\r".encode()))
+            await sock.until(b"assword: ", timeout=10)
+            await asyncio.sleep(HANDSHAKE * 1.5)  # a slow typist
+            await sock.send(_frame(OP_BINARY, f"{PASSWORD}\r".encode()))
+            await sock.send(_frame(OP_BINARY, b"echo $((6*7))\r"))
+            await sock.until(b"42", timeout=10)
+            assert len(quick.gateway.sessions.connections()) == 1
+        finally:
+            sock.close()
+    await _registry_empty(quick)

@@ -13,9 +13,10 @@ websocket (test_proxy_websocket), of a browser terminal (test_ssh_terminal) and 
 alone from the registry (test_tunnel, test_sessions_registry). Here: the other causes
 on each path, the "nothing after the cut" check, and the two cut-off metrics.
 
-Idle: detection runs on the tunnel's tick (5 s by default, shortened here) against the
-session clock, which the test moves past the grant's idle timeout; the 1 s is counted
-from that moment.
+Idle here: the session clock is moved past the grant's idle timeout and the tunnel's tick
+(shortened) notices on its next check; the 1 s is counted from that moment. The idle
+timer itself (no clock moved: real seconds of silence) is tested on every path in
+test_idle.
 """
 
 from __future__ import annotations

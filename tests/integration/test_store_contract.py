@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import asyncpg
@@ -493,6 +493,75 @@ async def test_forward_revoke_and_expire_semantics(store: Store) -> None:
     expired = [e.subject for e in await store.all_audit() if e.action == "request.expired"]
     assert sorted(expired) == sorted([short.id, other.id])
     assert verify_chain(await store.all_audit(), await store.audit_head()) is None
+
+
+async def _paged_active_grants(store: Store, now: datetime) -> int:
+    """What ``Scheduler.active_grants`` computed before the count moved into the store."""
+    count = 0
+    cursor: str | None = None
+    while True:
+        page = await store.list_requests(
+            RequestFilter(status=RequestStatus.FORWARDED, limit=2, cursor=cursor)
+        )
+        count += sum(1 for r in page.items if r.start <= now < r.end)
+        cursor = page.next_cursor
+        if cursor is None:
+            return count
+
+
+async def test_count_active_grants_counts_forwarded_open_windows(store: Store) -> None:
+    """Only forwarded requests with ``start <= now < end`` count, to the microsecond."""
+    w = await _world(store)
+    now = T0 + timedelta(hours=5)
+    tick = timedelta(microseconds=1)
+    made: dict[str, AccessRequest] = {}
+
+    async def add(name: str, start: datetime, end: datetime, to: RequestStatus) -> None:
+        req = AccessRequest(
+            id=new_id("req"),
+            group_id=w.group.id,
+            user_id=w.user.id,
+            justification=name,
+            reason_id=w.reason.id,
+            governance_code=None,
+            start=start,
+            end=end,
+            status=RequestStatus.SAVED,
+            created_at=T0,
+            created_by="token:admin",
+        )
+        await store.create_request(req, None, _audit("request.created", req.id))
+        if to is not RequestStatus.SAVED:
+            await store.mark_forwarded(req.id, f"link-{name}", T0, "a", _audit("request.forwarded", req.id))
+        if to is RequestStatus.REVOKED:
+            await store.revoke_request(req.id, T0, "a", _audit("request.revoked", req.id))
+        made[name] = req
+
+    # Expired first, while it is the only request whose window has ended.
+    await add("expired", T0, T0 + timedelta(hours=1), RequestStatus.FORWARDED)
+    assert await store.expire_requests(T0 + timedelta(hours=1)) == [made["expired"].id]
+    fwd = RequestStatus.FORWARDED
+    await add("active", now - timedelta(hours=1), now + timedelta(hours=1), fwd)
+    await add("starts now", now, now + timedelta(hours=1), fwd)
+    await add("ends a tick later", now - timedelta(hours=1), now + tick, fwd)
+    await add("not yet started", now + timedelta(hours=1), now + timedelta(hours=2), fwd)
+    await add("starts a tick later", now + tick, now + timedelta(hours=1), fwd)
+    await add("ends now, not marked expired", now - timedelta(hours=1), now, fwd)
+    await add("ended long ago, not marked expired", T0, T0 + timedelta(hours=2), fwd)
+    await add("saved, window open", now - timedelta(hours=1), now + timedelta(hours=1), RequestStatus.SAVED)
+    await add(
+        "revoked, window open", now - timedelta(hours=1), now + timedelta(hours=1), RequestStatus.REVOKED
+    )
+
+    assert await store.count_active_grants(now) == 3  # active, starts now, ends a tick later
+    instants = [T0 - timedelta(days=1), T0, T0 + timedelta(hours=2) - tick, now - tick, now, now + tick]
+    instants += [now + timedelta(hours=1), now + timedelta(hours=2), now + timedelta(days=1)]
+    for at in instants:
+        assert await store.count_active_grants(at) == await _paged_active_grants(store, at), at
+    assert await store.count_active_grants(now + timedelta(days=1)) == 0
+    # Other offsets name the same instant: the store compares UTC instants, not wall clocks.
+    east = now.astimezone(timezone(timedelta(hours=2)))
+    assert await store.count_active_grants(east) == 3
 
 
 # --- one-time tokens -----------------------------------------------------------------------

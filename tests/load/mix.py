@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import email
-import email.policy
 import json
 import os
 import re
@@ -50,7 +48,6 @@ from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +55,11 @@ import aiohttp
 
 from ..peers.smtp import LoopbackController
 from ..peers.tcp import EchoServer
+from .signin import COOKIE, LINK, TOKEN, Inbox, browser, page, sign_in
 
 __all__ = ["MixOptions", "main", "run_mix"]
 
 ROOT = Path(__file__).resolve().parents[2]
-COOKIE = "__Host-domum"
-_TOKEN = re.compile(r"\b(\d{8})\b")
-_LINK = re.compile(r"https?://\S+?(/a/[A-Za-z0-9_-]+)")
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 _LOGINS_PER_USER = 4  # the gateway allows five token sends per link and hour
 
@@ -191,44 +186,6 @@ class GatewayProcess:
         self._log.close()
 
 
-# mail ----------------------------------------------------------------------------------------
-class Inbox:
-    """aiosmtpd handler (in the controller's thread): each message body, queued per recipient
-    on the mix's event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queues: dict[str, asyncio.Queue[str]] = {}
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
-        assert isinstance(msg, EmailMessage)
-        part = msg.get_body(("plain",))
-        body = str(part.get_content()) if part is not None else ""
-        for rcpt in envelope.rcpt_tos:
-            self.loop.call_soon_threadsafe(self._deliver, str(rcpt).lower(), body)
-        return "250 Message accepted"
-
-    def _queue(self, rcpt: str) -> asyncio.Queue[str]:
-        queue = self.queues.get(rcpt)
-        if queue is None:
-            queue = self.queues[rcpt] = asyncio.Queue()
-        return queue
-
-    def _deliver(self, rcpt: str, body: str) -> None:
-        self._queue(rcpt).put_nowait(body)
-
-    async def next(self, rcpt: str, pattern: re.Pattern[str], timeout: float = 30.0) -> str:
-        async with asyncio.timeout(timeout):
-            while True:
-                m = pattern.search(await self._queue(rcpt.lower()).get())
-                if m:
-                    return m.group(1)
-
-    def forget(self, rcpt: str) -> None:
-        self.queues.pop(rcpt.lower(), None)
-
-
 # the clients ---------------------------------------------------------------------------------
 class Admin:
     def __init__(self, gw: GatewayProcess) -> None:
@@ -283,45 +240,16 @@ def address(i: int) -> str:
     return f"127.{20 + i // 62500}.{(i // 250) % 250}.{i % 250 + 1}"
 
 
-async def _page(s: aiohttp.ClientSession, method: str, path: str, **kw: Any) -> tuple[int, str, str]:
-    async with s.request(method, path, **kw) as r:
-        return r.status, await r.text(), r.url.path
-
-
-def _browser(gw: GatewayProcess, local: str) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(
-        base_url=gw.public_url,
-        connector=aiohttp.TCPConnector(ssl=gw.ssl, local_addr=(local, 0), limit=1),
-        cookie_jar=aiohttp.CookieJar(unsafe=True),
-        timeout=aiohttp.ClientTimeout(total=30),
-    )
-
-
-async def sign_in(gw: GatewayProcess, inbox: Inbox, user: LoginUser, *, sign_out: bool) -> str:
-    """The whole page flow; returns the session cookie (signed out again when asked)."""
-    async with _browser(gw, user.address) as s:
-        status, text, _ = await _page(s, "GET", user.link)
-        m = _CSRF.search(text)
-        if status != 200 or m is None:
-            raise RuntimeError(f"link page: {status} {text[:200]}")
-        status, text, _ = await _page(s, "POST", f"{user.link}/token", data={"csrf": m.group(1)})
-        m = _CSRF.search(text)
-        if status != 200 or m is None:
-            raise RuntimeError(f"token page: {status} {text[:200]}")
-        token = await inbox.next(user.email, _TOKEN)
-        status, text, path = await _page(
-            s, "POST", f"{user.link}/verify", data={"csrf": m.group(1), "token": token}
-        )
-        if status != 200 or path != "/portal":
-            raise RuntimeError(f"verify: {status} {path} {text[:200]}")
-        cookie = next((c.value for c in s.cookie_jar if c.key == COOKIE), "")
-        if not cookie:
-            raise RuntimeError("no session cookie after verify")
+async def sign_in_user(gw: GatewayProcess, inbox: Inbox, user: LoginUser, *, sign_out: bool) -> str:
+    """The whole page flow from the user's own address; returns the session cookie (signed out
+    again when asked)."""
+    async with browser(gw.public_url, gw.ssl, user.address, timeout=30) as s:
+        cookie, portal = await sign_in(s, user.link, lambda: inbox.next(user.email, TOKEN))
         if sign_out:
-            m = _CSRF.search(text)
+            m = _CSRF.search(portal)
             if m is None:
                 raise RuntimeError("portal without a sign-out form")
-            status, text, path = await _page(s, "POST", "/logout", data={"csrf": m.group(1)})
+            status, text, path = await page(s, "POST", "/logout", data={"csrf": m.group(1)})
             if status != 200 or path != "/signed-out":
                 raise RuntimeError(f"logout: {status} {path} {text[:200]}")
     return cookie
@@ -357,7 +285,7 @@ class Users:
             },
         )
         await self.admin.call("POST", f"/api/v1/access-requests/{req['id']}/forward")
-        link = await self.inbox.next(mail, _LINK)
+        link = await self.inbox.next(mail, LINK)
         self.tally.users_created += 1
         return LoginUser(mail, link, address(i))
 
@@ -462,7 +390,7 @@ async def logins(
                 tally.error(f"provision:{type(exc).__name__}", exc)
                 return
             try:
-                await asyncio.wait_for(sign_in(gw, inbox, user, sign_out=True), 60)
+                await asyncio.wait_for(sign_in_user(gw, inbox, user, sign_out=True), 60)
                 tally.logins += 1
                 tally.login_seconds.append(time.monotonic() - t0)
                 users.give_back(user)
@@ -604,7 +532,7 @@ async def _phases(
     users = Users(admin, inbox, tally, group["id"], reason["id"])
     tunnel_user = await users.create()
     tunnel_user.address = "127.0.0.1"
-    cookie = await sign_in(gw, inbox, tunnel_user, sign_out=False)
+    cookie = await sign_in_user(gw, inbox, tunnel_user, sign_out=False)
     url = f"wss://127.0.0.1:{gw.public}/ws/tcp/echo"
     headers = {"Cookie": f"{COOKIE}={cookie}", "Origin": f"https://127.0.0.1:{gw.public}"}
     out["rss_start_mib"] = round(rss_kib(pid) / 1024, 1)

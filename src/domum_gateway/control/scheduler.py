@@ -16,8 +16,7 @@ import time
 
 from ..errors import DomumError
 from ..metrics import Metrics
-from ..model import RequestStatus
-from ..store.base import RequestFilter, Store
+from ..store.base import Store
 from .retention import Retention
 from .service import Actor, AdminService
 
@@ -79,20 +78,11 @@ class Scheduler:
     async def active_grants(self) -> int:
         """Forwarded requests whose window is open now, counted in the store (every replica's truth).
 
-        Only forwarded requests are read (revoked and expired ones never count), a page at
-        a time; a window that ended but is not yet marked expired does not count either.
+        One COUNT query (``Store.count_active_grants``), not a walk over every request: this
+        runs on each scrape. Revoked and expired requests never count, nor does a window
+        that ended but is not yet marked expired.
         """
-        now = self._service.clock.now()
-        count = 0
-        cursor: str | None = None
-        while True:
-            page = await self._store.list_requests(
-                RequestFilter(status=RequestStatus.FORWARDED, limit=500, cursor=cursor)
-            )
-            count += sum(1 for r in page.items if r.start <= now < r.end)
-            cursor = page.next_cursor
-            if cursor is None:
-                return count
+        return await self._store.count_active_grants(self._service.clock.now())
 
     async def count_grants(self) -> None:
         """Set ``domum_grants_active`` (bounded: a slow store keeps the last value)."""

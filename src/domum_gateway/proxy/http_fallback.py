@@ -110,6 +110,12 @@ class _AioFront(FrontProtocol):
             self.queue.popleft()
             ex.state = FINISHED
             self.engine.record(ex)
+        if not ex.req_done:
+            # Answered (408, 400...) before the body ended: nothing more is read from this
+            # client, so the connection ends here rather than when the client gives up.
+            t = self.transport
+            if t is not None and not t.is_closing():
+                t.close()
         self._finish()
 
     def start_tunnel(self, ex: Exchange) -> None:
@@ -145,11 +151,12 @@ class _AioFront(FrontProtocol):
             return
         self.begin(ex)
         if ex.state in (READY, CONNECTING, SENT) and not ex.websocket:
-            async for chunk in self._request.content.iter_any():
-                await self._upstream_ready.wait()
-                if self._done.done() or ex.state == FINISHED:
-                    break
-                ex.client_body(chunk)
+            with contextlib.suppress(ConnectionError):  # the client left, or was answered
+                async for chunk in self._request.content.iter_any():
+                    await self._upstream_ready.wait()
+                    if self._done.done() or ex.state == FINISHED:
+                        break
+                    ex.client_body(chunk)
         if not self._done.done():
             ex.client_done()
         await self._done

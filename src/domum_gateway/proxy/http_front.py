@@ -334,6 +334,17 @@ class Exchange:
             conn.abort()
         front = self.front
         route = self.route
+        timeout = isinstance(exc, UpstreamTimeout)
+        if (
+            timeout
+            and self.state == SENT
+            and not (self.req_done or self.resp_started or front.pause_bits & _P_UPSTREAM)
+        ):
+            # The target waits for the rest of a body the client stopped sending (and the
+            # target was not holding it back): the client's timeout, not the target's.
+            self.local = LocalResponse(408, "Request Timeout", [], b"")
+            front.write_local(self)
+            return
         front.engine.upstream_failed(self, exc)
         if self.resp_started:
             # Part of the answer is on its way: the client must see a broken message.
@@ -341,7 +352,6 @@ class Exchange:
             self.state = FINISHED
             front.abort()
             return
-        timeout = isinstance(exc, UpstreamTimeout)
         self.local = front.engine.gateway_error_page(route, timeout, self)
         self.status = self.local.status
         self.state = LOCAL
@@ -355,7 +365,6 @@ class Exchange:
         if frames is not None:
             frames.feed(data)
         self.front.write(data)
-        self.front.touch(self)
 
     def on_tunnel_closed(self) -> None:
         self.front.close()
@@ -704,10 +713,15 @@ class FrontProtocol(asyncio.Protocol):
         self.close()
 
     def touch(self, ex: Exchange) -> None:
+        """The user sent bytes on a proxied websocket: activity (the upstream's alone is not)."""
+        live = ex.live
+        if live is None:
+            return
+        live.active()
         now = self._loop_time()
-        if now - ex.ws_last_touch >= 1.0 and ex.live is not None:
+        if now - ex.ws_last_touch >= 1.0:
             ex.ws_last_touch = now
-            self.engine.touch(ex.live)
+            self.engine.touch(live)
 
     # sessions ------------------------------------------------------------------------
     def watch(self, live: LiveSession) -> None:
@@ -758,20 +772,33 @@ class FrontProtocol(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def _bad_request(self) -> None:
+        """The parser refused the bytes: answer 400 and close, after what is queued."""
         self.mode = _HOLD
-        if not self.queue or self.queue[-1].in_head:
-            ex = self.queue[-1] if self.queue else Exchange(self, self._loop_time())
-            if not self.queue:
-                self.queue.append(ex)
-            ex.in_head = False
-            ex.req_done = True
-            ex.keep_alive = False
-            ex.local = self.engine.bad_request_page()
-            ex.state = LOCAL
-            if self.queue[0] is ex:
-                self.write_local(ex)
-        else:
-            self.doomed = True
+        if self.transport is None:
+            return  # closed while the same read was being parsed
+        ex = self.queue[-1] if self.queue else None
+        if ex is not None and ex.req_done:
+            self.doomed = True  # bytes after a whole request: answer that one, then close
+            return
+        if ex is None:
+            ex = Exchange(self, self._loop_time())
+            self.queue.append(ex)
+        elif not ex.in_head:
+            # A malformed body: the target must never get the rest of it (it would wait
+            # for the read timeout, then the client would see the target blamed).
+            conn, ex.conn = ex.conn, None
+            if conn is not None:
+                conn.abort()
+            if ex.resp_started:
+                self.abort()
+                return
+        ex.in_head = False
+        ex.req_done = True
+        ex.keep_alive = False
+        ex.local = self.engine.bad_request_page()
+        ex.state = LOCAL
+        if self.queue[0] is ex:
+            self.write_local(ex)
 
     def close(self) -> None:
         """Close after what is already written has been sent."""

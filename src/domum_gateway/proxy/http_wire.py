@@ -529,7 +529,9 @@ def scan_request(headers: list[tuple[bytes, bytes]]) -> RequestScan:
     Dropped: hop-by-hop headers and those named in ``Connection``; ``Host``,
     ``Forwarded``, ``X-Forwarded-*`` and ``X-Real-IP`` (the gateway writes its own);
     every ``X-Domum-*`` header (identity headers only the gateway may set) and the usual
-    auth-proxy identity headers (``Remote-User``...); ``Authorization`` with the ``Domum``
+    auth-proxy identity headers (``Remote-User``...); every header whose name holds an
+    underscore (CGI, WSGI and PHP read ``X_Domum_User`` as ``HTTP_X_DOMUM_USER``, the
+    same variable as ``X-Domum-User``: nginx drops them too); ``Authorization`` with the ``Domum``
     scheme (meant for the gateway). The gateway's cookie is removed from ``Cookie``; the
     app's own cookies stay.
     """
@@ -571,7 +573,7 @@ def scan_request(headers: list[tuple[bytes, bytes]]) -> RequestScan:
                     xff = []
                 xff.append(value)
             continue
-        if lname in _IDENTITY or (lname[:2] == b"x-" and lname.startswith(_X_DROPPED)):
+        if b"_" in lname or lname in _IDENTITY or (lname[:2] == b"x-" and lname.startswith(_X_DROPPED)):
             continue
         lines.append(name + b": " + value)
     if conn_tokens is not None:

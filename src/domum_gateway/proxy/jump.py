@@ -59,13 +59,18 @@ _MAX_PACKET = 32768
 
 
 class _Meter:
-    """Bytes relayed on one SSH connection, and whether any moved since the last tick."""
+    """Bytes relayed on one SSH connection, and whether the user sent any since the last tick.
 
-    __slots__ = ("active", "down", "flushed_down", "flushed_up", "up")
+    ``session`` (once signed in) has its activity stamped on every read from the user,
+    which its idle timer reads; the target's output alone is not activity.
+    """
+
+    __slots__ = ("active", "down", "flushed_down", "flushed_up", "session", "up")
 
     def __init__(self) -> None:
         self.up = self.down = self.flushed_up = self.flushed_down = 0
         self.active = False
+        self.session: LiveSession | None = None
 
 
 class _Upstream(SSHForwarder):
@@ -74,10 +79,24 @@ class _Upstream(SSHForwarder):
     def __init__(self, meter: _Meter) -> None:
         super().__init__()
         self._meter = meter
+        self._held: asyncio.ReadTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # Nothing can go down yet: the channel opens only after this connect returns, and
+        # an SSH server speaks first (its version line, at once). Leave what it says in the
+        # socket until the channel is open instead of losing it.
+        self._held = cast(asyncio.ReadTransport, transport)
+        self._held.pause_reading()
+
+    def release(self) -> None:
+        """Start reading from the target: the channel to the client is open."""
+        held, self._held = self._held, None
+        if held is not None and not held.is_closing():
+            held.resume_reading()
 
     def data_received(self, data: bytes, datatype: int | None = None) -> None:
         self._meter.down += len(data)
-        self._meter.active = True
         super().data_received(data, datatype)
 
     def writelines(self, chunks: list[bytes]) -> None:
@@ -104,9 +123,16 @@ class _ChannelSide(SSHForwarder):
         self._loop = asyncio.get_running_loop()
         self.closed = self._loop.create_future()
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._upstream.release()
+
     def data_received(self, data: bytes, datatype: int | None = None) -> None:
-        self._meter.up += len(data)
-        self._meter.active = True
+        meter = self._meter
+        meter.up += len(data)
+        meter.active = True
+        if meter.session is not None:
+            meter.session.active()
         if not self._pending:
             self._loop.call_soon(self._flush)
         self._pending.append(data)
@@ -382,6 +408,7 @@ class _JumpConnection(asyncssh.SSHServer):
 
     def _signed_in(self, live: LiveSession) -> None:
         self._live = live
+        self._meter.session = live
         # In the live registry (GET /api/v1/sessions) with its byte counts; cut with its session.
         self._registered = self._ctx.sessions.open_connection(
             live, "ssh-jump", None, self._origin, self._closer, count=False
@@ -470,6 +497,11 @@ class _JumpConnection(asyncssh.SSHServer):
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_CONNECT_FAILED, f"{target.name} could not be reached from the gateway"
             ) from None
+        if self._conn is None or self._conn.is_closed():
+            # The client left during the connect: asyncssh drops this channel without
+            # telling its session, so nothing else would ever close the target connection.
+            upstream.close()
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "the SSH connection closed")
         side = _ChannelSide(upstream, meter)
         self._channels += 1
         self._ctx.metrics.sessions_active.labels("ssh").inc()

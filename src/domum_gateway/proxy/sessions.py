@@ -10,6 +10,14 @@ any reason (logout, revoke, window end, idle, terminate, address change) every c
 called with the reason, so websockets, tunnels and SSH channels end within the same tick.
 Window ends are timers (one per grant), not polling.
 
+Idle timeouts are timers too, one per live session. Activity is what the user sends
+(requests, keystrokes, bytes into a tunnel or a proxied websocket; output from a target
+alone does not keep a session alive): the hot paths stamp ``LiveSession.active_at`` with
+``time.monotonic()`` and nothing else. The timer fires at ``active_at + idle``; when the
+session was active meanwhile it is re-armed for the new deadline, else the store is
+asked once whether another replica saw activity (its ``last_seen``), and if not the
+session ends, its cut timed from the deadline.
+
 Each cut of a registered connection is timed for ``domum_cutoff_seconds{cause}``: the
 session (or the connection, for ``terminate``) is stamped with the cause and the
 monotonic moment the cut was decided, and the observation is made when the
@@ -92,9 +100,18 @@ class LiveSession:
     # Why and when (time.monotonic) the session was cut: stamped before its closers run.
     cut_cause: str = ""
     cut_at: float = 0.0
+    # The user's latest activity (time.monotonic), stamped by the hot paths; ``last_seen``
+    # follows it when the manager syncs (``synced_at``: the stamp it last synced from).
+    active_at: float = field(default_factory=time.monotonic)
+    synced_at: float = 0.0
+    idle_timer: asyncio.TimerHandle | None = None
 
     def facts(self) -> SessionFacts:
         return SessionFacts(address=self.address, last_seen=self.last_seen, ended=self.ended)
+
+    def active(self) -> None:
+        """The user did something on a long-lived connection (cheap: one clock read)."""
+        self.active_at = time.monotonic()
 
 
 @dataclass(eq=False, slots=True)
@@ -282,9 +299,11 @@ class SessionManager:
             hash=digest,
             country=self._country(address),
         )
+        live.synced_at = live.active_at
         self._by_hash[digest] = live
         self._by_id[live.id] = live
         self._metrics.sessions_active.labels("web").inc()
+        self._arm_idle(live)
         return cookie, live
 
     async def at_capacity(self, request: AccessRequest) -> bool:
@@ -308,6 +327,8 @@ class SessionManager:
         remaining = 0
         for stored in await self._store.list_sessions(request_id, live=True):
             cached = self._by_id.get(stored.id)
+            if cached is not None:
+                self._sync(cached)
             last_seen = max(stored.last_seen, cached.last_seen) if cached is not None else stored.last_seen
             if now - last_seen < idle:
                 remaining += 1
@@ -375,8 +396,12 @@ class SessionManager:
                 hash=digest,
                 country=self._country(stored.address),
             )
+            # Its latest activity is what the store knows (another replica's, perhaps).
+            ago = (self._clock.now() - stored.last_seen).total_seconds()
+            live.active_at = live.synced_at = time.monotonic() - max(0.0, ago)
             self._by_id[live.id] = live
             self._metrics.sessions_active.labels("web").inc()
+            self._arm_idle(live)
         self._by_hash[digest] = live
         return live
 
@@ -391,6 +416,8 @@ class SessionManager:
     ) -> Decision:
         """Decide for one request on ``live`` (memory only). Ends the session when terminal."""
         now = self._clock.now()
+        if live.active_at > live.synced_at:
+            self._sync(live, now)
         if country is None:
             country = live.country
         decision = decide(live.grant, now, peer, target, live.facts(), country, live.origins)
@@ -401,6 +428,7 @@ class SessionManager:
             return decision
         if activity:
             live.last_seen = now
+            live.active_at = live.synced_at = time.monotonic()
             self._dirty[live.id] = now
         return ALLOW
 
@@ -408,7 +436,73 @@ class SessionManager:
         """Count traffic on a long-lived connection as activity (for the idle timeout)."""
         now = self._clock.now()
         live.last_seen = now
+        live.active_at = live.synced_at = time.monotonic()
         self._dirty[live.id] = now
+
+    def sync(self, live: LiveSession) -> None:
+        """Carry the hot paths' activity stamp into ``last_seen`` (and the store, batched)."""
+        if live.active_at > live.synced_at and not live.ended:
+            self._sync(live)
+
+    def _sync(self, live: LiveSession, now: datetime | None = None) -> None:
+        stamp = live.active_at
+        if stamp <= live.synced_at:
+            return
+        now = now or self._clock.now()
+        seen = now - timedelta(seconds=max(0.0, time.monotonic() - stamp))
+        live.synced_at = stamp
+        if seen > live.last_seen:
+            live.last_seen = seen
+            self._dirty[live.id] = seen
+
+    # idle timeout ------------------------------------------------------------------
+    def _arm_idle(self, live: LiveSession) -> None:
+        """(Re-)arm ``live``'s idle timer for ``active_at + idle``."""
+        self._disarm_idle(live)
+        if live.ended:
+            return
+        delay = live.active_at + live.grant.idle_timeout_seconds - time.monotonic()
+        live.idle_timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._idle_due, live)
+
+    @staticmethod
+    def _disarm_idle(live: LiveSession) -> None:
+        if live.idle_timer is not None:
+            live.idle_timer.cancel()
+            live.idle_timer = None
+
+    def _idle_due(self, live: LiveSession) -> None:
+        live.idle_timer = None
+        if live.ended:
+            return
+        deadline = live.active_at + live.grant.idle_timeout_seconds
+        if deadline > time.monotonic():  # active meanwhile: wait for the new deadline
+            self._sync(live)
+            self._arm_idle(live)
+            return
+        self._spawn(self._idle_confirm(live, deadline))
+
+    async def _idle_confirm(self, live: LiveSession, deadline: float) -> None:
+        """No activity here until ``deadline``: end ``live`` unless another replica saw some."""
+        stamp = live.active_at
+        try:
+            stored = await self._store.get_session(live.id)
+        except DomumError as exc:
+            stored = None  # fail closed: nobody can vouch for activity elsewhere
+            log.warning("sessions.idle_check_failed session=%s detail=%s", live.id, exc.detail)
+        if live.ended:
+            return
+        idle = live.grant.idle_timeout_seconds
+        if live.active_at != stamp:  # active while the store answered
+            self._arm_idle(live)
+            return
+        if stored is not None and stored.last_seen > live.last_seen:
+            ago = (self._clock.now() - stored.last_seen).total_seconds()
+            if ago < idle:  # another replica relayed activity: adopt it
+                live.last_seen = stored.last_seen
+                live.active_at = live.synced_at = time.monotonic() - max(0.0, ago)
+                self._arm_idle(live)
+                return
+        self._end_later(live, DenyReason.SESSION_IDLE, deadline)
 
     def attach(self, live: LiveSession, closer: Closer) -> Callable[[], None]:
         """Register a connection to cut when the session ends; returns the detach function."""
@@ -533,6 +627,7 @@ class SessionManager:
             live.end_reason = reason
             live.cut_cause, live.cut_at = cause, at if at is not None else time.monotonic()
             self._metrics.sessions_active.labels("web").dec()
+        self._disarm_idle(live)
         self._by_hash.pop(live.hash, None)
         self._by_id.pop(live.id, None)
         self._dirty.pop(live.id, None)
@@ -612,7 +707,10 @@ class SessionManager:
             if entry is None:
                 self._cut(s, reason or "access could not be confirmed", "unconfirmed", at)
                 continue
+            idle_changed = s.grant.idle_timeout_seconds != entry.grant.idle_timeout_seconds
             s.grant, s.origins = entry.grant, entry.origins
+            if idle_changed:
+                self._arm_idle(s)
             if entry.grant.status is RequestStatus.REVOKED:
                 self._cut(s, reason or _REASON_TEXT[DenyReason.REVOKED], "revoke", at)
             elif entry.grant.status is RequestStatus.EXPIRED:

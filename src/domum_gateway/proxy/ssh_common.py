@@ -228,7 +228,9 @@ class SessionWatch:
         self._task: asyncio.Task[None] | None = None
 
     def mark(self) -> None:
+        """The user sent something: activity for the session's idle timer, now."""
         self.active = True
+        self._live.active()
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())

@@ -13,6 +13,12 @@ the target's own password or keyboard-interactive prompts, relayed through the t
 by a small line editor here: the user name first, then each prompt. What is typed is
 passed to asyncssh and forgotten; it is never stored or logged.
 
+Two limits apply once TCP connects: the target has ``ssh.handshake_timeout`` seconds to
+exchange versions and keys and ask for credentials (a host that accepts the connection
+and then says nothing, or stalls mid-exchange, is given up on quickly), and the person
+has ``_LOGIN_TIMEOUT`` to sign in. asyncssh's own ``connect_timeout`` cannot be the first
+(it also counts the person's typing), nor its ``login_timeout`` (the same, from TCP on).
+
 The banner names the user, the target and when access ends; a warning line appears five
 minutes before the window closes. The connection is attached to the session: revoke,
 window end, idle, logout or terminate close the SSH connection and the websocket (code
@@ -76,6 +82,10 @@ _CSP = "; ".join(
 )
 _CONNECT_TIMEOUT = 10.0
 _LOGIN_TIMEOUT = 180.0  # the person types a password: minutes, not seconds
+_HANDSHAKE_HELP = (
+    "The host accepted the connection but did not answer as an SSH server should; "
+    "try again later or tell your administrator."
+)
 _MAX_AUTH_ATTEMPTS = 3
 _MAX_PENDING = 64 * 1024
 _MAX_MESSAGE = 1024 * 1024
@@ -355,6 +365,30 @@ class _TargetClient(asyncssh.SSHClient):
         self._terminal = terminal
         self.presented: asyncssh.SSHKey | None = None
         self._attempts = 0
+        self.answered = False  # the target answered a sign-in request: the handshake is done
+        self.timed_out = False  # the handshake deadline passed and cancelled the connect
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def start_deadline(self, within: float, connecting: asyncio.Future[Any]) -> None:
+        """Cancel ``connecting`` unless the target asks for credentials within ``within`` s."""
+
+        def expire() -> None:
+            self.timed_out = True
+            connecting.cancel()
+
+        self._deadline = asyncio.get_running_loop().call_later(within, expire)
+        connecting.add_done_callback(lambda _: self.stop_deadline())
+
+    def stop_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _answered(self) -> None:
+        # Versions and keys are exchanged and the target answered the first sign-in
+        # request: from here on the person's typing sets the pace (login_timeout).
+        self.answered = True
+        self.stop_deadline()
 
     def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
         # Only reached when the key is not the registered one: remember it for the message.
@@ -362,12 +396,14 @@ class _TargetClient(asyncssh.SSHClient):
         return False
 
     def auth_banner_received(self, msg: str, lang: str) -> None:
+        self._answered()
         self._terminal.write_soon(_crlf(msg).encode())
 
     def public_key_auth_requested(self) -> None:
         return None
 
     def kbdint_auth_requested(self) -> str:
+        self._answered()
         return ""
 
     async def kbdint_challenge_received(
@@ -385,6 +421,7 @@ class _TargetClient(asyncssh.SSHClient):
         return answers
 
     async def password_auth_requested(self) -> str | None:
+        self._answered()
         if not self._next_attempt():
             return None
         return await self._terminal.read_line(
@@ -596,8 +633,9 @@ class _Terminal:
         except OSError:
             await self._refuse("unreachable", f"{target.name} could not be reached from the gateway.", {})
             return None
-        try:
-            conn = await asyncssh.connect(
+        within = self.ctx.settings.ssh.handshake_timeout
+        connecting = asyncio.ensure_future(
+            asyncssh.connect(
                 sock=sock,
                 host=target.host,
                 port=target.port,
@@ -626,6 +664,22 @@ class _Terminal:
                 keepalive_interval=30.0,
                 keepalive_count_max=3,
             )
+        )
+        client.start_deadline(within, connecting)
+        try:
+            conn = await connecting
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not client.timed_out or (task is not None and task.cancelling()):
+                raise  # the terminal itself is ending; asyncssh closed the connection
+            sock.close()
+            log.info("terminal.handshake_timeout target=%s within=%g", target.name, within)
+            await self._refuse(
+                "handshake_timeout",
+                f"{target.name} did not complete the SSH handshake within {within:g} s. {_HANDSHAKE_HELP}",
+                {"timeout": f"{within:g}"},
+            )
+            return None
         except asyncssh.HostKeyNotVerifiable:
             sock.close()
             presented = client.presented.get_fingerprint() if client.presented is not None else "unknown"
@@ -644,7 +698,11 @@ class _Terminal:
         except (asyncssh.Error, OSError, TimeoutError) as exc:
             sock.close()
             log.info("terminal.connect_failed target=%s type=%s", target.name, type(exc).__name__)
-            await self._refuse("unreachable", f"The SSH connection to {target.name} failed.", {})
+            if not client.answered:
+                message = f"{target.name} did not complete the SSH handshake. {_HANDSHAKE_HELP}"
+                await self._refuse("handshake_failed", message, {})
+            else:
+                await self._refuse("unreachable", f"The SSH connection to {target.name} failed.", {})
             return None
         return conn
 

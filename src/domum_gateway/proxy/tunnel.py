@@ -243,6 +243,12 @@ class _ServerEnd(WsEnd):
     def tcp_lost_reason(self, exc: Exception | None) -> tuple[int, str]:
         return CLOSE_NORMAL, "the resource closed the connection"
 
+    def buffer_updated(self, nbytes: int) -> None:
+        rx = self.rx
+        self.feed(self.scratch.view[:nbytes])
+        if self.rx != rx:  # payload from the user: activity for the session's idle timer
+            self.live.active()
+
     def closed(self) -> None:
         self.service.ended(self)
 
@@ -276,8 +282,8 @@ class _ServerEnd(WsEnd):
         if moved != self._seen_bytes:
             self._seen_bytes = moved
             self._last_data = now
-            service.ctx.sessions.touch(self.live)
             service.flush_bytes(self)
+        service.ctx.sessions.sync(self.live)  # the user's activity, stamped as it arrived
         if self.rx_frames != self._seen_frames:
             self._seen_frames = self.rx_frames
             self._last_rx = now

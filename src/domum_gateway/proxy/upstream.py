@@ -306,11 +306,16 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
+        if state == _HEAD:
+            # The head keeps the deadline the request set: a target trickling header lines
+            # must not hold the exchange for ever. Body bytes each restart it.
+            self._on_head_bytes(data)
+            if self.deadline != _INF and _HEAD < self._state < _TUNNEL:
+                self.deadline = self._now() + self._timeout
+            return
         if self.deadline != _INF:
             self.deadline = self._now() + self._timeout
-        if state == _HEAD:
-            self._on_head_bytes(data)
-        elif state == _LENGTH:
+        if state == _LENGTH:
             self._on_length_bytes(data)
         elif state == _CHUNKED:
             self._on_chunked_bytes(data)

@@ -285,6 +285,14 @@ class Store(abc.ABC):
     async def expire_requests(self, now: datetime) -> list[str]:
         """Mark requests whose window ended as expired; return their ids."""
 
+    @abc.abstractmethod
+    async def count_active_grants(self, now: datetime) -> int:
+        """How many forwarded requests have their window open at ``now`` (``start <= now < end``).
+
+        Saved, revoked and expired requests never count; neither does a forwarded one whose
+        window has not started, or has ended but is not yet marked expired.
+        """
+
     # one-time tokens ---------------------------------------------------------
     @abc.abstractmethod
     async def issue_otp(

@@ -857,6 +857,16 @@ class PostgresStore(Store):
 
         return await self._write(run)
 
+    async def count_active_grants(self, now: datetime) -> int:
+        nows = rowmap.ts(now)
+        # ``requests_status (status, end_at)`` bounds the scan to forwarded windows not yet ended.
+        count = await self._val(
+            "SELECT COUNT(*) FROM access_requests"
+            " WHERE status = 'forwarded' AND end_at > $1 AND start_at <= $1",
+            nows,
+        )
+        return int(count)
+
     # one-time tokens ---------------------------------------------------------
     async def issue_otp(
         self,

@@ -629,6 +629,16 @@ class SqliteStore(Store):
                 await self._audit(w, AuditEntry(actor="system", action="request.expired", subject=rid))
         return ids
 
+    async def count_active_grants(self, now: datetime) -> int:
+        nows = rowmap.ts(now)
+        # ``requests_status (status, end_at)`` bounds the scan to forwarded windows not yet ended.
+        row = await self._one(
+            "SELECT COUNT(*) AS n FROM access_requests"
+            " WHERE status = 'forwarded' AND end_at > ? AND start_at <= ?",
+            (nows, nows),
+        )
+        return int(row["n"]) if row is not None else 0
+
     # one-time tokens ---------------------------------------------------------
     async def issue_otp(
         self,
