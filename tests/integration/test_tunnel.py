@@ -12,10 +12,12 @@ import asyncio
 import hashlib
 import io
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -27,6 +29,8 @@ from domum_gateway.settings import HostPort
 from domum_gateway.tunnel_client import ConnectOptions, TunnelClient
 
 from ..conftest import Running
+from ..peers.public_client import gateway_with
+from ..peers.smtp import Mailbox
 from ..peers.tcp import EchoServer, closed_port
 from .helpers import Seed, call, create_forwarded, login_direct, seed
 
@@ -362,6 +366,30 @@ async def test_unreachable_target_closes_1011(running: Running) -> None:
         code, reason = await closed_with(ws)
     assert code == 1011 and "could not be reached" in reason
     assert "127.0.0.1" not in reason
+
+
+async def test_target_that_never_accepts_is_given_up_on_after_proxy_connect_timeout(
+    tmp_path: Path, mailbox: tuple[Mailbox, int]
+) -> None:
+    """``proxy.connect_timeout`` bounds every path's dial (here 1 s): a tunnel to a port whose
+    TCP handshake never completes closes 1011 after about that long; the SSH paths read the
+    same setting."""
+    async with gateway_with(tmp_path, mailbox, proxy={"connect_timeout": 1.0}) as run:
+        assert run.gateway.jump.connect_timeout == 1.0
+        with socket.socket() as listener:  # backlog 0 plus one queued connection: SYNs dropped
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(0)
+            port = int(listener.getsockname()[1])
+            with socket.create_connection(("127.0.0.1", port), 1):
+                sd = await tcp_seed(run, port)
+                _rid, link = await create_forwarded(run, sd)
+                bearer = {"Authorization": f"Bearer {(await cli_login(run, sd, link))['ticket']}"}
+                started = time.monotonic()
+                async with ws_open(run, "echo", bearer) as ws:
+                    code, reason = await closed_with(ws)
+                elapsed = time.monotonic() - started
+        assert code == 1011 and "could not be reached" in reason, (code, reason)
+        assert 0.9 <= elapsed < 3.0, elapsed
 
 
 async def test_oversize_and_text_frames_are_refused(running: Running) -> None:

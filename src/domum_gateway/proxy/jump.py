@@ -163,7 +163,7 @@ class JumpServer:
         login_timeout: float = 120.0,
         max_auth_tries: int = 3,
         max_channels: int = 32,
-        connect_timeout: float = 10.0,
+        connect_timeout: float | None = None,
         keepalive_interval: float = 30.0,
     ) -> None:
         self.ctx = ctx
@@ -171,7 +171,10 @@ class JumpServer:
         self.login_timeout = login_timeout
         self.max_auth_tries = max_auth_tries
         self.max_channels = max_channels
-        self.connect_timeout = connect_timeout
+        # ``proxy.connect_timeout``, like every other path to a target.
+        self.connect_timeout = (
+            connect_timeout if connect_timeout is not None else ctx.settings.proxy.connect_timeout
+        )
         self.keepalive_interval = keepalive_interval
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._connections: set[_JumpConnection] = set()

@@ -80,7 +80,6 @@ _CSP = "; ".join(
         "base-uri 'none'",
     )
 )
-_CONNECT_TIMEOUT = 10.0
 _LOGIN_TIMEOUT = 180.0  # the person types a password: minutes, not seconds
 _HANDSHAKE_HELP = (
     "The host accepted the connection but did not answer as an SSH server should; "
@@ -629,7 +628,7 @@ class _Terminal:
         assert target.host is not None and target.port is not None
         client = _TargetClient(self)
         try:
-            sock = await _tcp_connect(target.host, target.port, _CONNECT_TIMEOUT)
+            sock = await _tcp_connect(target.host, target.port, self.ctx.settings.proxy.connect_timeout)
         except OSError:
             await self._refuse("unreachable", f"{target.name} could not be reached from the gateway.", {})
             return None

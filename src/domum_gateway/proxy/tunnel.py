@@ -83,7 +83,6 @@ log = logging.getLogger("domum.tunnel")
 TUNNEL_PROTOCOLS = frozenset({Protocol.RDP, Protocol.TCP, Protocol.SSH})
 """Targets a tunnel may reach: anything with a host and a port (SSH end to end, too)."""
 
-CONNECT_TIMEOUT = 10.0
 SHUTTING_DOWN = "the gateway is shutting down"
 _MAX_TARGET_KEY = 128
 
@@ -322,7 +321,7 @@ class TunnelService:
         self.ping_interval = 20.0
         self.pong_timeout = 20.0
         self.idle_timeout: float | None = None  # None: the grant's idle timeout
-        self.connect_timeout = CONNECT_TIMEOUT
+        self.connect_timeout = ctx.settings.proxy.connect_timeout
         self.open: set[_ServerEnd] = set()
         self._none_open = asyncio.Event()
         self.waiters: set[Callable[[str], None]] = set()  # the client API's long polls
