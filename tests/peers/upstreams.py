@@ -19,7 +19,7 @@ import asyncio
 import hashlib
 import ssl
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -307,24 +307,8 @@ def status_of(response: bytes) -> int:
     return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
 
 
-@asynccontextmanager
-async def gateway_with(tmp: Path, mailbox: Any, **overrides: Any) -> AsyncIterator[Any]:
+def gateway_with(tmp: Path, mailbox: Any, **overrides: Any) -> AbstractAsyncContextManager[Any]:
     """A gateway like the ``running`` fixture, with settings overrides (``proxy=...``)."""
-    from domum_gateway.app import Gateway
-    from domum_gateway.model import Role
-    from domum_gateway.pki import client_ssl_context
+    from .public_client import gateway_with as with_overrides
 
-    from ..conftest import Running, _token, make_settings
-
-    box, port = mailbox
-    settings = make_settings(tmp, smtp_port=port, **overrides)
-    gw = Gateway(settings, grace=1.0)
-    await gw.start()
-    try:
-        admin = await _token(gw, "admin", Role.ADMIN)
-        auditor = await _token(gw, "auditor", Role.AUDITOR)
-        yield Running(
-            gw, gw.url("admin"), gw.url("public"), admin, auditor, client_ssl_context(settings.tls.ca), box
-        )
-    finally:
-        await gw.stop()
+    return with_overrides(tmp, mailbox, **overrides)
