@@ -40,7 +40,7 @@ from ..conftest import Running
 from ..peers.sshd import Sshd, ensure_user, sshd_available
 from ..peers.tcp import EchoServer
 from .helpers import Seed, call, create_forwarded, login_direct, seed
-from .test_jump import jump_client, seed_ssh
+from .test_jump import seed_ssh, sleeping_through_jump
 from .test_ssh_terminal import PASSWORD, USER, Term, sign_in_to_target, signed_in, ws_client
 from .test_tunnel import cli_login, metric, service_of, tcp_seed
 
@@ -404,14 +404,7 @@ async def test_jump_terminate_disconnects_within_a_second_with_the_reason(
 ) -> None:
     sd = await seed_ssh(running, target)
     _rid, link = await create_forwarded(running, sd)
-    jc = jump_client(running, target, tmp_path / "client", sd.email)
-    before = len(running.mailbox.messages)
-    proc = await jc.start(
-        "-J", "gw", "-p", str(target.port), "root@127.0.0.1", "echo started; sleep 60", link=link
-    )
-    await jc.give_token(running.mailbox, sd.email, before)
-    assert proc.stdout is not None
-    assert await asyncio.wait_for(proc.stdout.readline(), 20) == b"started\n"
+    jc, proc = await sleeping_through_jump(running, target, tmp_path / "client", sd.email, link)
     t0 = time.monotonic()
     await terminate_session(running)
     result = await jc.finish(proc, 10)

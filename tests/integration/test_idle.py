@@ -40,7 +40,7 @@ from .test_cutoff import (
     terminal,
     wait_until,
 )
-from .test_jump import jump_client, seed_ssh
+from .test_jump import seed_ssh, sleeping_through_jump
 from .test_ssh_terminal import sign_in_to_target, signed_in
 from .test_tunnel import cli_login, service_of, tcp_seed
 
@@ -218,14 +218,7 @@ async def test_idle_jump_connection_is_disconnected_with_the_reason(
 ) -> None:
     sd = await seed_ssh(running, target)
     _rid, link = await create_forwarded(running, sd)
-    jc = jump_client(running, target, tmp_path / "client", sd.email)
-    before = len(running.mailbox.messages)
-    proc = await jc.start(
-        "-J", "gw", "-p", str(target.port), "root@127.0.0.1", "echo started; sleep 60", link=link
-    )
-    await jc.give_token(running.mailbox, sd.email, before)
-    assert proc.stdout is not None
-    assert await asyncio.wait_for(proc.stdout.readline(), 20) == b"started\n"
+    jc, proc = await sleeping_through_jump(running, target, tmp_path / "client", sd.email, link)
     last = time.monotonic()  # the remote command now sleeps: nothing moves either way
     shorten_idle(running)
     result = await jc.finish(proc, IDLE + 10)

@@ -56,6 +56,21 @@ def jump_client(run: Running, sshd: Sshd, dir: Path, email: str) -> JumpClient:
     )
 
 
+async def sleeping_through_jump(
+    run: Running, target: Sshd, dir: Path, email: str, link: str, line: bytes = b"started"
+) -> tuple[JumpClient, asyncio.subprocess.Process]:
+    """``ssh -J gw`` to ``target`` signed in with ``link`` (the token from the mailbox),
+    running a remote command that prints ``line`` and then sleeps a minute, printed."""
+    jc = jump_client(run, target, dir, email)
+    before = len(run.mailbox.messages)
+    command = f"echo {line.decode()}; sleep 60"
+    proc = await jc.start("-J", "gw", "-p", str(target.port), "root@127.0.0.1", command, link=link)
+    await jc.give_token(run.mailbox, email, before)
+    assert proc.stdout is not None
+    assert await asyncio.wait_for(proc.stdout.readline(), 20) == line + b"\n"
+    return jc, proc
+
+
 async def test_ssh_J_runs_a_command_on_the_target(running: Running, target: Sshd, tmp_path: Path) -> None:
     sd = await seed_ssh(running, target)
     _rid, link = await create_forwarded(running, sd)
@@ -319,14 +334,7 @@ async def test_revoke_disconnects_within_a_second_and_the_link_stops_working(
 ) -> None:
     sd = await seed_ssh(running, target)
     rid, link = await create_forwarded(running, sd)
-    jc = jump_client(running, target, tmp_path / "client", sd.email)
-    before = len(running.mailbox.messages)
-    proc = await jc.start(
-        "-J", "gw", "-p", str(target.port), "root@127.0.0.1", "echo started; sleep 60", link=link
-    )
-    await jc.give_token(running.mailbox, sd.email, before)
-    assert proc.stdout is not None
-    assert await asyncio.wait_for(proc.stdout.readline(), 20) == b"started\n"
+    jc, proc = await sleeping_through_jump(running, target, tmp_path / "client", sd.email, link)
     async with running.admin() as s:
         started = time.monotonic()
         st, _ = await call(s, "POST", f"/api/v1/access-requests/{rid}/revoke")
@@ -379,14 +387,7 @@ async def test_only_modern_algorithms_and_strict_kex(running: Running, target: S
 async def test_shutdown_tells_connected_clients_why(running: Running, target: Sshd, tmp_path: Path) -> None:
     sd = await seed_ssh(running, target)
     _rid, link = await create_forwarded(running, sd)
-    jc = jump_client(running, target, tmp_path / "client", sd.email)
-    before = len(running.mailbox.messages)
-    proc = await jc.start(
-        "-J", "gw", "-p", str(target.port), "root@127.0.0.1", "echo up; sleep 60", link=link
-    )
-    await jc.give_token(running.mailbox, sd.email, before)
-    assert proc.stdout is not None
-    assert await asyncio.wait_for(proc.stdout.readline(), 20) == b"up\n"
+    jc, proc = await sleeping_through_jump(running, target, tmp_path / "client", sd.email, link, b"up")
     await running.gateway.jump.stop()
     result = await jc.finish(proc, 10)
     assert result.returncode == 255
