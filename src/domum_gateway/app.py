@@ -122,7 +122,10 @@ class Gateway:
         )
         self.retention = Retention(self.store, self.clock, self.bus, settings.retention.days)
         self.scheduler = Scheduler(self.service, self.store, self.retention, metrics=self.metrics)
-        self.sessions = SessionManager(self.store, self.clock, self.bus, self.metrics)
+        # A replica's name in the shared connection registry: the id its notifications and
+        # its listening connection already carry on PostgreSQL (random per start anyway).
+        replica = self.store.instance_id if isinstance(self.store, PostgresStore) else None
+        self.sessions = SessionManager(self.store, self.clock, self.bus, self.metrics, replica=replica)
         self.login = LoginService(self.store, self.clock, self.sessions, self._send_token, self.metrics)
         self.public_ctx = PublicContext(
             settings, self.store, self.clock, self.bus, self.metrics, self.sessions, self.login
@@ -145,6 +148,8 @@ class Gateway:
         api = ApiContext(self.store, self.service, self.clock, evidence, self.retention)
         api.connections = self.sessions.registry
         api.cut_connection = self.sessions.terminate_connection
+        api.cut_elsewhere = self.sessions.cut_elsewhere
+        api.replica = self.sessions.replica
         api.watch = self.watch
         add_api_routes(app, api)
         add_ops_routes(app, self.store, self.metrics)

@@ -24,6 +24,8 @@ class ChangeKind(enum.StrEnum):
     GROUP = "group"  # a group's policy changed: every grant of it may change
     TARGET = "target"  # a target changed or was removed
     USER = "user"
+    # cut one live connection (id: its con_ id) on whichever replica holds it
+    CONNECTION = "connection"
 
 
 @dataclass(frozen=True, slots=True)

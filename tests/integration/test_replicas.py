@@ -5,7 +5,8 @@ replica that loses its notification connection fails closed, re-reads everything
 it is back, and reports itself not ready meanwhile. Credentials minted on one replica
 work on the other (a load balancer without stickiness may send any request anywhere):
 tunnel tickets, host-mode hand-over codes (redeemed once across both) and host cookies,
-and admin console sessions with their CSRF token and notices.
+and admin console sessions with their CSRF token and notices. Every replica lists the live
+connections of all of them and cuts one wherever it is held (issue 7).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import dataclasses
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -29,6 +32,7 @@ from domum_gateway.clock import SystemClock
 from domum_gateway.model import Role
 from domum_gateway.pki import client_ssl_context
 from domum_gateway.proxy.login import LoginRefused
+from domum_gateway.store.base import ConnectionRecord
 from domum_gateway.store.postgres import PostgresStore
 
 from ..conftest import Running, _token, make_settings
@@ -37,7 +41,15 @@ from ..peers.smtp import Mailbox
 from ..peers.tcp import EchoServer
 from ..peers.upstreams import ProxyEnv, grant_targets, raw_exchange, start_upstream, status_of
 from .helpers import call, create_forwarded, login_direct, seed
-from .test_tunnel import cli_login, echo_roundtrip, handshake_status, own_origin, tcp_seed, ws_open
+from .test_tunnel import (
+    cli_login,
+    echo_roundtrip,
+    handshake_status,
+    own_origin,
+    service_of,
+    tcp_seed,
+    ws_open,
+)
 
 PEER = normalise_address("127.0.0.1")
 DOMAIN = "gw.test"
@@ -310,7 +322,11 @@ async def test_tunnel_ticket_from_a_works_on_b_and_logout_on_b_kills_it_on_a(
             started = time.monotonic()
 
             async def refused_on_a() -> bool:
-                return await handshake_status(a, "echo", bearer) == 401
+                try:  # until A hears of the logout the upgrade still succeeds: not refused yet
+                    async with ws_open(a, "echo", bearer):
+                        return False
+                except aiohttp.WSServerHandshakeError as exc:
+                    return exc.status == 401
 
             took = await _until_async(refused_on_a, 2.0, "refusing the ticket on replica A")
             async with asyncio.timeout(2.0 - (time.monotonic() - started) + 0.5):
@@ -448,3 +464,142 @@ async def test_console_session_signed_in_on_a_serves_b_with_the_same_cookie_and_
             assert r.status == 303 and "signed_out" in r.headers["Location"]
         async with on_a.get("/admin/reasons", allow_redirects=False) as r:
             assert r.status == 303 and r.headers["Location"].startswith("/admin/login")
+
+
+# one registry of live connections (issue 7) -----------------------------------------------
+
+
+async def _sessions_page(run: Running) -> list[dict[str, Any]]:
+    async with run.admin(run.auditor_token) as s:
+        st, page = await call(s, "GET", "/api/v1/sessions")
+    assert st == 200, page
+    return list(page["items"])
+
+
+async def _listed(run: Running, connection_id: str) -> dict[str, Any] | None:
+    for item in await _sessions_page(run):
+        for conn in item["connections"]:
+            if conn["id"] == connection_id:
+                return dict(conn)
+    return None
+
+
+async def test_a_tunnel_on_a_is_listed_with_its_bytes_on_b_and_cut_from_b(
+    replicas: tuple[Running, Running],
+) -> None:
+    a, b = replicas
+    flush = 0.2
+    for run in (a, b):
+        run.gateway.sessions.flush_interval = flush
+        run.gateway.sessions.flush_soon()
+    tunnels = service_of(a)
+    tunnels.tick_interval = 0.05  # the tunnel hands its byte counts to the registry each tick
+    tunnels._arm_tick()
+    async with EchoServer() as echo:
+        sd = await tcp_seed(a, echo.port)
+        _rid, link = await create_forwarded(a, sd)
+        bearer = {"Authorization": f"Bearer {(await cli_login(a, sd, link))['ticket']}"}
+        async with ws_open(a, "echo", bearer) as ws:
+            await echo_roundtrip(ws, b"x" * 1000)
+            (conn,) = a.gateway.sessions.connections()
+            assert b.gateway.sessions.connections() == []
+            found: dict[str, Any] = {}
+
+            async def listed_on_b() -> bool:
+                got = await _listed(b, conn.id)
+                if got is None or (got["bytes_in"], got["bytes_out"]) != (1000, 1000):
+                    return False
+                found.update(got)
+                return True
+
+            took = await _until_async(listed_on_b, 2 * flush + 0.5, "listing A's tunnel on B")
+            print(f"\nA's tunnel and its bytes listed on B after {took * 1000:.0f} ms")
+            assert found["replica"] == a.gateway.sessions.replica != b.gateway.sessions.replica
+            assert (found["protocol"], found["target"]) == ("tcp", "echo")
+            assert found["session_id"] == conn.session.id
+            (item,) = [i for i in await _sessions_page(b) if i["id"] == conn.session.id]
+            assert (item["bytes_in"], item["bytes_out"]) == (1000, 1000)
+
+            # A quiet tunnel stays listed: its holder refreshes the row without traffic.
+            row = await b.gateway.store.get_connection(conn.id)
+            assert row is not None
+            a.gateway.sessions.heartbeat = 0.3
+
+            async def refreshed() -> bool:
+                again = await b.gateway.store.get_connection(conn.id)
+                return again is not None and again.updated_at > row.updated_at
+
+            await _until_async(refreshed, 2.0, "A's heartbeat refreshing its quiet tunnel")
+
+            # B cuts it; A holds it and closes it with 1008, before B answers.
+            async with b.admin(b.auditor_token) as s:
+                st, _ = await call(s, "DELETE", f"/api/v1/sessions/{conn.id}")
+            answered = time.monotonic()
+            assert st == 204
+            async with asyncio.timeout(1.0):
+                while (msg := await ws.receive()).type is aiohttp.WSMsgType.BINARY:
+                    pass
+            assert ws.close_code == 1008, (ws.close_code, msg)
+            assert msg.extra == "terminated by an administrator", msg
+            print(f"closed {(time.monotonic() - answered) * 1000:.0f} ms after B's answer")
+        assert await b.gateway.store.get_connection(conn.id) is None
+        for run in (a, b):
+            assert await _listed(run, conn.id) is None
+        # The session lives on (only the connection was cut), and the cut is audited once.
+        assert a.gateway.sessions.get(conn.session.id) is not None
+        async with b.admin(b.auditor_token) as s:
+            st, _ = await call(s, "DELETE", f"/api/v1/sessions/{conn.id}")
+            assert st == 404
+            st, events = await call(s, "GET", "/api/v1/audit?type=connection.terminated")
+        (event,) = events["items"]
+        assert event["subject"] == conn.id
+        assert event["details"]["replica"] == a.gateway.sessions.replica
+
+
+async def test_a_dead_replicas_connections_are_not_listed_and_are_swept(
+    replicas: tuple[Running, Running],
+) -> None:
+    """A replica that died leaves rows nobody refreshes: hidden after the staleness bound
+    (90 s), deleted by the next sweep. A row whose holder does not answer a cut gets 202."""
+    a, b = replicas
+    sd = await seed(a)
+    rid, link = await create_forwarded(a, sd)
+    cookie = await login_direct(a, sd, link)
+    live = await a.gateway.sessions.lookup(cookie)
+    assert live is not None
+    now = SystemClock().now()
+    dead = ConnectionRecord(
+        id="con_0000000000000dead",
+        session_id=live.id,
+        request_id=rid,
+        user_id=live.user_id,
+        protocol="tcp",
+        target="echo",
+        origin="127.0.0.1",
+        since=now - timedelta(minutes=10),
+        bytes_in=123,
+        bytes_out=456,
+        replica="crashed",
+        updated_at=now - timedelta(seconds=120),  # its heartbeat stopped two minutes ago
+    )
+    quiet = dataclasses.replace(
+        dead, id="con_000000000000quiet", replica="unreachable", updated_at=now - timedelta(seconds=45)
+    )
+    await b.gateway.store.upsert_connections([dead, quiet])
+    for run in (a, b):
+        (item,) = await _sessions_page(run)
+        assert [c["id"] for c in item["connections"]] == [quiet.id]
+        assert (item["bytes_in"], item["bytes_out"]) == (123, 456)
+    async with b.admin(b.auditor_token) as s:
+        st, _ = await call(s, "DELETE", f"/api/v1/sessions/{dead.id}")
+        assert st == 404
+        # Fresh, but no replica holds it to confirm the cut: accepted, not confirmed.
+        started = time.monotonic()
+        st, _ = await call(s, "DELETE", f"/api/v1/sessions/{quiet.id}")
+        assert st == 202
+        assert 1.5 < time.monotonic() - started < 4.0
+    scheduler = b.gateway.scheduler
+    scheduler.sweep_every = 0.0
+    await scheduler.tick()
+    assert await a.gateway.store.get_connection(dead.id) is None
+    assert await a.gateway.store.get_connection(quiet.id) is not None

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
+
+import pytest
+
+from domum_gateway.errors import StoreError
+from domum_gateway.store.base import ConnectionRecord
 
 from ..conftest import Running
 from .helpers import call, create_forwarded, login_direct, seed
@@ -48,3 +54,72 @@ async def test_registry_lists_and_cuts_connections(running: Running) -> None:
         assert page["items"] == []
         st, events = await call(s, "GET", "/api/v1/audit?type=connection.terminated")
         assert [e["subject"] for e in events["items"]] == [a.id]
+
+
+async def test_registry_reaches_the_store_in_batches_off_the_hot_path(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening and closing touch memory; a flush writes one batch, retried whole after a failure."""
+    sd = await seed(running)
+    _rid, link = await create_forwarded(running, sd)
+    cookie = await login_direct(running, sd, link)
+    sessions = running.gateway.sessions
+    store = running.gateway.store
+    live = await sessions.lookup(cookie)
+    assert live is not None
+    # Park the background loop: this test flushes by hand.
+    sessions.flush_interval = 3600.0
+    sessions.flush_soon()
+    await asyncio.sleep(0.05)
+    upserts: list[list[ConnectionRecord]] = []
+    upsert = store.upsert_connections
+
+    async def failing_once(records: list[ConnectionRecord]) -> None:
+        upserts.append(list(records))
+        if len(upserts) == 1:
+            raise StoreError("the database could not complete the change")
+        await upsert(records)
+
+    monkeypatch.setattr(store, "upsert_connections", failing_once)
+    cut: list[str] = []
+    conn = sessions.open_connection(live, "tcp", "db", "127.0.0.1", cut.append)
+    short = sessions.open_connection(live, "ssh", "web", "127.0.0.1", cut.append)
+    sessions.close_connection(short)  # opened and closed between two flushes: never written
+    assert upserts == []
+    conn.bytes_in, conn.bytes_out = 10, 20
+    with pytest.raises(StoreError):
+        await sessions.flush()
+    await sessions.flush()
+    assert [[r.id for r in batch] for batch in upserts] == [[conn.id], [conn.id]]
+    row = await store.get_connection(conn.id)
+    assert row is not None
+    assert (row.replica, row.session_id, row.bytes_in, row.bytes_out) == (sessions.replica, live.id, 10, 20)
+    assert await store.get_connection(short.id) is None
+    # Nothing moved: nothing written. Bytes moved: that row again. Heartbeat due: every row.
+    await sessions.flush()
+    assert len(upserts) == 2
+    conn.bytes_out = 25
+    await sessions.flush()
+    assert len(upserts) == 3 and upserts[-1][0].bytes_out == 25
+    sessions.heartbeat = 0.0
+    await sessions.flush()
+    assert len(upserts) == 4 and upserts[-1][0].updated_at > row.updated_at
+    sessions.heartbeat = 30.0
+
+    # This replica's rows never override its memory: a row it no longer holds (its delete
+    # not flushed yet) is neither listed nor cut.
+    await store.upsert_connections([replace(row, id="con_leftover")])
+    async with running.admin(running.auditor_token) as s:
+        st, page = await call(s, "GET", "/api/v1/sessions")
+        assert st == 200
+        (item,) = page["items"]
+        assert [(c["id"], c["replica"]) for c in item["connections"]] == [(conn.id, sessions.replica)]
+        assert (item["bytes_in"], item["bytes_out"]) == (10, 25)
+        st, _ = await call(s, "DELETE", "/api/v1/sessions/con_leftover")
+        assert st == 404
+    await store.delete_connections(["con_leftover"])
+
+    sessions.close_connection(conn)
+    await sessions.flush()
+    assert await store.get_connection(conn.id) is None
+    assert cut == []

@@ -13,7 +13,7 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from domum_gateway.model import (
 )
 from domum_gateway.store.base import (
     AuditFilter,
+    ConnectionRecord,
     ConsoleSessionRecord,
     OtpIssue,
     OtpResult,
@@ -815,6 +816,97 @@ async def test_console_sessions_are_shared_bounded_and_expire(backend: Backend) 
     assert await other.purge_expired(T0 + timedelta(hours=1)) == 1
 
 
+# --- live connections (issue 7: one registry for every replica) ----------------------------
+
+
+def _conn(
+    cid: str,
+    replica: str,
+    updated: datetime,
+    *,
+    session_id: str = "ses_1",
+    request_id: str = "req_1",
+    since: datetime = T0,
+    target: str | None = "db01",
+) -> ConnectionRecord:
+    return ConnectionRecord(
+        id=cid,
+        session_id=session_id,
+        request_id=request_id,
+        user_id="usr_1",
+        protocol="rdp",
+        target=target,
+        origin="192.0.2.7",
+        since=since,
+        bytes_in=0,
+        bytes_out=0,
+        replica=replica,
+        updated_at=updated,
+    )
+
+
+async def test_live_connections_are_shared_refreshed_and_deleted(backend: Backend) -> None:
+    store = backend.store
+    other = await backend.replica()
+    long_ago = T0 - timedelta(hours=1)
+    a1 = _conn("con_a1", "rep_a", T0, since=T0 - timedelta(seconds=2, microseconds=5))
+    a2 = _conn("con_a2", "rep_a", T0, session_id="ses_2", request_id="req_2", target=None)
+    b1 = _conn("con_b1", "rep_b", T0, since=T0 - timedelta(seconds=1))
+    await store.upsert_connections([a1, a2])
+    await other.upsert_connections([b1])
+    await store.upsert_connections([])
+    # Every instance sees every replica's rows, oldest first; filters narrow them.
+    for s in (store, other):
+        assert await s.list_connections(long_ago) == [a1, b1, a2]
+    assert await store.list_connections(long_ago, session_id="ses_2") == [a2]
+    assert await other.list_connections(long_ago, request_id="req_1") == [a1, b1]
+    assert await other.list_connections(long_ago, session_id="ses_1", request_id="req_2") == []
+    # A refresh moves the counters (64-bit), the holder and updated_at; what was fixed when
+    # the connection opened stays. The last record of an id given twice wins.
+    later = T0 + timedelta(seconds=30)
+    moved = replace(a1, bytes_in=5 * 2**40, bytes_out=7, updated_at=later)
+    await other.upsert_connections([replace(moved, bytes_in=1, target="changed"), moved])
+    assert await store.get_connection("con_a1") == moved
+    assert await store.get_connection("con_missing") is None
+    # Freshness is part of the query: rows not refreshed after the bound are not listed.
+    assert await store.list_connections(T0) == [moved]
+    assert await other.list_connections(later) == []
+    # ... the sweep deletes them (however old, ``get_connection`` still finds a row until then).
+    assert await store.get_connection("con_b1") == b1
+    assert await other.purge_stale_connections(T0) == 2
+    assert await store.get_connection("con_b1") is None
+    assert await store.list_connections(long_ago) == [moved]
+    # Deleting by id ignores ids it does not know.
+    assert await store.delete_connections(["con_a1", "con_missing"]) == 1
+    assert await store.delete_connections([]) == 0
+    assert await store.list_connections(long_ago) == []
+    # A replica shutting down takes all of its rows with it, and no one else's.
+    await store.upsert_connections([_conn(f"con_x{n}", "rep_x", later) for n in range(3)])
+    await other.upsert_connections([_conn("con_y", "rep_y", later)])
+    assert await other.delete_replica_connections("rep_x") == 3
+    assert await store.delete_replica_connections("rep_x") == 0
+    assert [c.id for c in await store.list_connections(long_ago)] == ["con_y"]
+
+
+async def test_live_connection_batches_are_large_and_concurrent(backend: Backend) -> None:
+    """Two replicas flushing a thousand rows each at once, while a third sweeps stale ones."""
+    other = await backend.replica()
+    now = T0 + timedelta(minutes=5)
+    mine = [_conn(f"con_a{n:04d}", "rep_a", now, since=T0 + timedelta(microseconds=n)) for n in range(1000)]
+    theirs = [_conn(f"con_b{n:04d}", "rep_b", now, since=T0 + timedelta(microseconds=n)) for n in range(1000)]
+    await backend.store.upsert_connections([_conn("con_dead", "rep_dead", T0)])
+    gone = await asyncio.gather(
+        backend.store.upsert_connections(mine),
+        other.upsert_connections(theirs),
+        backend.store.purge_stale_connections(T0 + timedelta(minutes=1)),
+    )
+    assert gone[2] == 1
+    assert len(await other.list_connections(T0)) == 2000
+    assert await backend.store.delete_connections([c.id for c in mine[::2]]) == 500
+    assert await other.delete_replica_connections("rep_b") == 1000
+    assert len(await backend.store.list_connections(T0)) == 500
+
+
 # --- audit chain ---------------------------------------------------------------------------
 
 
@@ -881,6 +973,8 @@ async def test_store_error_when_the_database_is_unreachable(backend: Backend) ->
         lambda: store.redeem_otp(req.id, "x", T0, 5),
         lambda: store.issue_otp(req.id, "x", T0, T0, 3),
         lambda: store.create_session(*_session(req.id), 3, _audit()),
+        lambda: store.upsert_connections([_conn("con_1", "rep_a", T0)]),
+        lambda: store.list_connections(T0),
     ]
     if backend.pg is None:
         await store.close()

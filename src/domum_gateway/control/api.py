@@ -12,6 +12,7 @@ headers on a websocket. That path insists on the console cookie (never the publi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -27,7 +28,7 @@ from ..auth.windows import parse_instant
 from ..clock import Clock
 from ..errors import Conflict, DomumError, Forbidden, NotFound, Unauthorized, ValidationError
 from ..model import ApiToken, RequestStatus, Role
-from ..store.base import AuditFilter, RequestFilter, Store
+from ..store.base import CONNECTION_STALE_AFTER, AuditFilter, ConnectionRecord, RequestFilter, Store
 from .console_session import COOKIE as CONSOLE_COOKIE
 from .console_web import same_origin_socket, viewer_of
 from .evidence import EvidenceBuilder
@@ -102,6 +103,12 @@ class ApiContext:
         # proxied websockets); handed over by the composition root.
         self.connections: Callable[[], list[dict[str, Any]]] = list
         self.cut_connection: Callable[[str, str], bool] = lambda _id, _reason: False
+        # This process's name in the shared registry (``live_connections.replica``), and
+        # the request to cut a connection another replica holds (a bus message).
+        self.replica = ""
+        self.cut_elsewhere: Callable[[str, str], None] = lambda _id, _reason: None
+        # Seconds a DELETE of another replica's connection waits to see it gone (else 202).
+        self.cut_wait = 2.0
         # Read-only live view of browser terminals; None where terminals are not served.
         self.watch: LiveWatch | None = None
 
@@ -409,12 +416,22 @@ async def request_evidence(request: web.Request) -> web.Response:
 
 # sessions --------------------------------------------------------------------
 async def list_sessions(request: web.Request) -> web.Response:
-    """Live sessions, each with the live connections (tunnels, terminals, channels) it holds."""
+    """Live sessions, each with the live connections (tunnels, terminals, channels) it holds.
+
+    Connections of every replica: the shared registry's rows refreshed within
+    ``CONNECTION_STALE_AFTER``, with this replica's own taken from memory instead (fresher
+    byte counts; its rows lag by up to one flush).
+    """
     ctx = _ctx(request)
     rid = _query_str(request, "request_id", 64)
     sessions = await ctx.store.list_sessions(rid)
+    stored = await ctx.store.list_connections(ctx.clock.now() - CONNECTION_STALE_AFTER, request_id=rid)
+    local = ctx.connections()
+    held = {str(c["id"]) for c in local}
+    merged = local + [_connection_json(r) for r in stored if r.replica != ctx.replica and r.id not in held]
+    merged.sort(key=lambda c: (datetime.fromisoformat(str(c["since"])), str(c["id"])))
     by_session: dict[str, list[dict[str, Any]]] = {}
-    for conn in ctx.connections():
+    for conn in merged:
         by_session.setdefault(str(conn["session_id"]), []).append(conn)
     items = []
     for s in sessions:
@@ -428,19 +445,69 @@ async def list_sessions(request: web.Request) -> web.Response:
     return _json({"items": items})
 
 
+def _connection_json(r: ConnectionRecord) -> dict[str, Any]:
+    """A shared-registry row in the shape of ``SessionManager.registry()`` entries."""
+    return {
+        "id": r.id,
+        "session_id": r.session_id,
+        "request_id": r.request_id,
+        "user_id": r.user_id,
+        "protocol": r.protocol,
+        "target": r.target,
+        "origin": r.origin,
+        "since": iso(r.since),
+        "bytes_in": r.bytes_in,
+        "bytes_out": r.bytes_out,
+        "replica": r.replica,
+    }
+
+
 async def delete_session(request: web.Request) -> web.Response:
     """End a session (and all its connections), or cut one connection by its ``con_`` id."""
     ctx = _ctx(request)
     sid = request.match_info["id"]
     actor = actor_of(request)
     if sid.startswith("con_"):
-        if not ctx.cut_connection(sid, "terminated by an administrator"):
-            raise NotFound("No live connection with this id on this gateway.")
-        await ctx.store.append_audit(actor.entry("connection.terminated", sid))
-        return web.Response(status=204)
+        return await _cut_connection(ctx, sid, actor)
     if not await ctx.service.terminate_session(sid, actor):
         raise NotFound("No live session with this id.")
     return web.Response(status=204)
+
+
+_CUT_REASON = "terminated by an administrator"
+
+
+async def _cut_connection(ctx: ApiContext, cid: str, actor: Actor) -> web.Response:
+    """Cut one connection wherever it is held; audited here, once.
+
+    Held here: cut now, 204. Held by another replica (a fresh row in the shared registry):
+    that replica is told over the bus and cuts it; 204 once its row has left the registry,
+    or 202 when that takes longer than ``cut_wait`` (the cut is under way, asynchronously).
+    Unknown, already gone, or its replica dead (a stale row): 404.
+    """
+    here = next((c for c in ctx.connections() if c["id"] == cid), None)
+    if here is not None and ctx.cut_connection(cid, _CUT_REASON):
+        details = {k: here[k] for k in ("session_id", "request_id", "replica")}
+        await ctx.store.append_audit(actor.entry("connection.terminated", cid, details=details))
+        return web.Response(status=204)
+    row = await ctx.store.get_connection(cid)
+    fresh_after = ctx.clock.now() - CONNECTION_STALE_AFTER
+    if row is None or row.replica == ctx.replica or row.updated_at <= fresh_after:
+        raise NotFound("No live connection with this id.")
+    details = {"session_id": row.session_id, "request_id": row.request_id, "replica": row.replica}
+    await ctx.store.append_audit(actor.entry("connection.terminated", cid, details=details))
+    ctx.cut_elsewhere(cid, _CUT_REASON)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ctx.cut_wait
+    while loop.time() < deadline:
+        await asyncio.sleep(0.05)
+        try:
+            if await ctx.store.get_connection(cid) is None:
+                return web.Response(status=204)
+        except DomumError as exc:  # the cut was asked for: say so rather than fail
+            log.warning("api.cut_not_confirmed connection=%s detail=%s", cid, exc.detail)
+            break
+    return web.Response(status=202)
 
 
 async def watch_session(request: web.Request) -> web.StreamResponse:

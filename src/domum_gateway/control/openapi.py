@@ -214,7 +214,7 @@ _SCHEMAS: dict[str, Any] = {
             "bytes_out": {"type": "integer"},
             "connections": {
                 "type": "array",
-                "description": "live tunnels, terminals, SSH channels and proxied websockets on this replica",
+                "description": "live tunnels, terminals, SSH channels and proxied websockets (all replicas)",
                 "items": {
                     "type": "object",
                     "properties": {
@@ -228,6 +228,11 @@ _SCHEMAS: dict[str, Any] = {
                         "since": {"type": "string", "format": "date-time"},
                         "bytes_in": {"type": "integer"},
                         "bytes_out": {"type": "integer"},
+                        "replica": {
+                            "type": "string",
+                            "description": "the gateway process holding it; byte counts of other "
+                            "replicas' connections are as of their last flush (5 s)",
+                        },
                     },
                 },
             },
@@ -528,15 +533,27 @@ def build_openapi() -> dict[str, Any]:
             params=[_q("request_id", {"type": "string"}, "filter")],
         ),
     }
-    paths["/api/v1/sessions/{id}"] = {
-        "delete": _op(
-            "End a live session (ses_...) or cut one live connection (con_...)",
-            "auditor",
-            _ok("204", "ended", None),
-            params=_ID,
-            errors=(404,),
-        ),
-    }
+    end = _op(
+        "End a live session (ses_...) or cut one live connection (con_...)",
+        "auditor",
+        {
+            **_ok("204", "ended, or the connection is cut", None),
+            **_ok(
+                "202",
+                "a connection held by another replica is being cut there (asynchronously): it did "
+                "not confirm within 2 s",
+                None,
+            ),
+        },
+        params=_ID,
+        errors=(404,),
+    )
+    end["description"] = (
+        "A connection held by another replica is cut by that replica, told through the database "
+        "(PostgreSQL LISTEN/NOTIFY); the answer is 204 once it is gone from the shared registry, "
+        "202 if that takes longer. Either way it is audited once (connection.terminated)."
+    )
+    paths["/api/v1/sessions/{id}"] = {"delete": end}
     watch = _op(
         "Watch a browser SSH terminal live, read-only (websocket; nothing is recorded)",
         "auditor",

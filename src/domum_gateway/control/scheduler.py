@@ -4,7 +4,8 @@ Live connections are cut at a window's end by the session manager's per-grant ti
 this tick records the expiry in the store (and tells other replicas). The scheduler
 also counts ``domum_grants_active`` from the store before each scrape, and every
 ``sweep_every`` deletes expired short-lived rows (tunnel tickets, host-mode codes and
-cookies, console sessions: ``Store.purge_expired``) so those tables stay bounded.
+cookies, console sessions: ``Store.purge_expired``) and the shared registry's rows of
+replicas that died (``Store.purge_stale_connections``) so those tables stay bounded.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 
 from ..errors import DomumError
 from ..metrics import Metrics
-from ..store.base import Store
+from ..store.base import CONNECTION_STALE_AFTER, Store
 from .retention import Retention
 from .service import Actor, AdminService
 
@@ -68,9 +69,13 @@ class Scheduler:
         now = time.monotonic()
         if now - self._last_sweep >= self.sweep_every:
             self._last_sweep = now
-            gone = await self._store.purge_expired(self._service.clock.now())
+            wall = self._service.clock.now()
+            gone = await self._store.purge_expired(wall)
             if gone:
                 log.info("scheduler.purged_expired rows=%d", gone)
+            stale = await self._store.purge_stale_connections(wall - CONNECTION_STALE_AFTER)
+            if stale:
+                log.info("scheduler.purged_stale_connections rows=%d", stale)
         if self._retention is not None and now - self._last_purge >= self._purge_every:
             self._last_purge = now
             await self._retention.purge(Actor("system:retention"))

@@ -23,6 +23,17 @@ session (or the connection, for ``terminate``) is stamped with the cause and the
 monotonic moment the cut was decided, and the observation is made when the
 connection's owner reports it closed (:meth:`SessionManager.close_connection`, called
 once its transport is gone), not when the close was requested.
+
+The live-connection registry in memory is this process's truth; the store holds every
+replica's copy (table ``live_connections``) so that any replica can list them all. Opening
+and closing a connection touch memory only: the flush loop (every ``flush_interval``
+seconds, with the session touches) writes one batched upsert of the connections that are
+new or moved bytes and one batched delete of those gone, and every ``heartbeat`` seconds
+upserts them all, refreshing ``updated_at`` so that a quiet connection stays within
+``store.base.CONNECTION_STALE_AFTER``. A failed flush is logged and retried whole on the
+next one. A connection held by another replica is cut through the bus
+(``ChangeKind.CONNECTION``); the holder cuts it and flushes at once, so its row goes
+within a round trip instead of a flush interval.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -46,7 +58,7 @@ from ..clock import Clock
 from ..errors import DomumError
 from ..metrics import Metrics
 from ..model import AccessRequest, Grant, RequestStatus, Session
-from ..store.base import SessionCreate, Store
+from ..store.base import ConnectionRecord, SessionCreate, Store
 from .geoip import CountryLookup
 
 __all__ = ["Closer", "Connection", "LiveSession", "SessionManager", "TooManySessions"]
@@ -166,12 +178,19 @@ class SessionManager:
         bus: Bus,
         metrics: Metrics,
         flush_interval: float = 5.0,
+        *,
+        replica: str | None = None,
+        heartbeat: float = 30.0,
     ) -> None:
         self._store = store
         self._clock = clock
         self._bus = bus
         self._metrics = metrics
-        self._flush_interval = flush_interval
+        # Read on every turn of the flush loop (tests shorten it; ``flush_soon`` applies it).
+        self.flush_interval = flush_interval
+        self.heartbeat = heartbeat
+        # Names this process in the shared registry (``live_connections.replica``).
+        self.replica = replica or secrets.token_hex(8)
         self._by_hash: dict[str, LiveSession] = {}
         self._by_id: dict[str, LiveSession] = {}
         self._grants: dict[str, _GrantEntry] = {}
@@ -181,6 +200,14 @@ class SessionManager:
         self._ending: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._connections: dict[str, Connection] = {}
+        # The shared registry's view of ours: byte counts the store holds per connection
+        # (after a successful upsert), ids ever sent in an upsert (their rows may exist),
+        # ids to delete, and when (time.monotonic) every row was last refreshed.
+        self._stored: dict[str, tuple[int, int]] = {}
+        self._written: set[str] = set()
+        self._gone: set[str] = set()
+        self._beat_at = float("-inf")
+        self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         # Set by the composition root when ``geoip.database`` is configured.
         self.countries: CountryLookup | None = None
@@ -205,6 +232,11 @@ class SessionManager:
             self._cut(s, "the gateway is shutting down", "shutdown")
         with contextlib.suppress(DomumError):
             await self.flush()
+        # Whatever is left of ours in the shared registry (a failed flush, a stray row).
+        try:
+            await self._store.delete_replica_connections(self.replica)
+        except DomumError as exc:
+            log.warning("sessions.registry_not_cleared replica=%s detail=%s", self.replica, exc.detail)
         for task in list(self._tasks):
             task.cancel()
 
@@ -557,15 +589,28 @@ class SessionManager:
             conn.session.closers.discard(conn.cut)
             if conn.counted:
                 self._metrics.sessions_active.labels(conn.protocol).dec()
+            self._stored.pop(conn.id, None)
+            if conn.id in self._written:  # the shared registry may hold it: delete next flush
+                self._written.discard(conn.id)
+                self._gone.add(conn.id)
 
     def terminate_connection(self, connection_id: str, reason: str) -> bool:
-        """Cut one connection (the session stays); False when it is not live here."""
+        """Cut one connection (the session stays); False when it is not live here.
+
+        Its row leaves the shared registry at once (an early flush), so the replica that
+        asked for the cut sees it gone within a round trip.
+        """
         conn = self._connections.get(connection_id)
         if conn is None:
             return False
         self._forget(conn)
         conn.cut(reason, "terminate")
+        self.flush_soon()
         return True
+
+    def cut_elsewhere(self, connection_id: str, reason: str) -> None:
+        """Ask every replica to cut ``connection_id`` (the one holding it does; asynchronous)."""
+        self._bus.publish(Change(ChangeKind.CONNECTION, connection_id, reason))
 
     def connections(self, session_id: str | None = None) -> list[Connection]:
         return [c for c in self._connections.values() if session_id is None or c.session.id == session_id]
@@ -584,9 +629,26 @@ class SessionManager:
                 "since": c.since.isoformat().replace("+00:00", "Z"),
                 "bytes_in": c.bytes_in,
                 "bytes_out": c.bytes_out,
+                "replica": self.replica,
             }
             for c in self._connections.values()
         ]
+
+    def _record(self, c: Connection, now: datetime) -> ConnectionRecord:
+        return ConnectionRecord(
+            id=c.id,
+            session_id=c.session.id,
+            request_id=c.session.request_id,
+            user_id=c.session.user_id,
+            protocol=c.protocol,
+            target=c.target,
+            origin=c.origin,
+            since=c.since,
+            bytes_in=c.bytes_in,
+            bytes_out=c.bytes_out,
+            replica=self.replica,
+            updated_at=now,
+        )
 
     async def end(
         self, live: LiveSession, reason: str, actor: str, origin: str = "", *, cause: str | None = None
@@ -685,6 +747,10 @@ class SessionManager:
             if live is not None:
                 cause = "terminate" if change.reason.startswith("terminated") else "logout"
                 self._cut(live, change.reason or "the session was ended", cause, at)
+        elif change.kind is ChangeKind.CONNECTION:
+            reason = change.reason or "terminated by an administrator"
+            if not self.terminate_connection(change.id, reason) and change.id in self._gone:
+                self.flush_soon()  # it ended here by itself: let its row go now, not next flush
         elif change.kind in (ChangeKind.GROUP, ChangeKind.TARGET, ChangeKind.USER):
             # Policies changed: drop every cached grant; sessions re-check on next use.
             affected = {s.request_id for s in self._by_id.values()}
@@ -717,18 +783,67 @@ class SessionManager:
                 self._cut(s, reason or _REASON_TEXT[DenyReason.EXPIRED], "window_end", at)
 
     async def flush(self) -> None:
-        if not self._dirty:
-            return
-        batch, self._dirty = self._dirty, {}
-        await self._store.touch_sessions(batch)
+        """Write batched activity and this process's connections to the store.
+
+        Raises the first ``DomumError``; what failed stays pending for the next flush.
+        """
+        failed: DomumError | None = None
+        if self._dirty:
+            batch, self._dirty = self._dirty, {}
+            try:
+                await self._store.touch_sessions(batch)
+            except DomumError as exc:
+                failed = exc
+                for sid, seen in batch.items():  # retried next time (unless ended meanwhile)
+                    if sid in self._by_id:
+                        self._dirty[sid] = max(seen, self._dirty.get(sid, seen))
+        try:
+            await self._flush_connections()
+        except DomumError as exc:
+            failed = failed or exc
+        if failed is not None:
+            raise failed
+
+    async def _flush_connections(self) -> None:
+        """One upsert (new, moved, or every row when the heartbeat is due), then one delete."""
+        started = time.monotonic()
+        beat = started - self._beat_at >= self.heartbeat
+        now = self._clock.now()
+        batch: list[tuple[Connection, tuple[int, int]]] = []
+        for c in self._connections.values():
+            counts = (c.bytes_in, c.bytes_out)
+            if beat or self._stored.get(c.id) != counts:
+                batch.append((c, counts))
+        if batch:
+            # Marked before the write: a connection that closes while it is under way is
+            # deleted afterwards, whether or not its row made it.
+            self._written.update(c.id for c, _ in batch)
+            await self._store.upsert_connections([self._record(c, now) for c, _ in batch])
+            for c, counts in batch:
+                if c.id in self._connections:
+                    self._stored[c.id] = counts
+        if beat:
+            self._beat_at = started
+        if self._gone:
+            gone = set(self._gone)
+            await self._store.delete_connections(gone)
+            self._gone -= gone
+
+    def flush_soon(self) -> None:
+        """Have the flush loop run now instead of at the end of its interval."""
+        self._wake.set()
 
     async def _flush_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._flush_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_interval)
+            self._wake.clear()
             try:
                 await self.flush()
             except DomumError as exc:
                 log.warning("sessions.flush_failed detail=%s", exc.detail)
+            except Exception:  # never let the loop die: the next turn tries again
+                log.exception("sessions.flush_crashed")
 
 
 _CAUSE = {

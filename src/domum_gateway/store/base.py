@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from ..audit import AuditEntry
@@ -32,7 +32,9 @@ from ..model import (
 T = TypeVar("T")
 
 __all__ = [
+    "CONNECTION_STALE_AFTER",
     "AuditFilter",
+    "ConnectionRecord",
     "ConsoleSessionRecord",
     "OtpIssue",
     "OtpResult",
@@ -134,6 +136,33 @@ class ConsoleSessionRecord:
     idle_until: datetime  # last_seen + idle timeout
     expires_at: datetime  # created_at + absolute lifetime
     state: dict[str, Any]  # notices and saved wizard drafts (JSON)
+
+
+CONNECTION_STALE_AFTER = timedelta(seconds=90)
+"""A ``live_connections`` row not refreshed for this long belongs to a replica that died.
+
+Each replica refreshes its rows at least every 30 s (``SessionManager``), so a quiet but
+live connection never crosses this bound; listing ignores older rows and the scheduler's
+sweep deletes them.
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRecord:
+    """One live connection as the shared registry stores it (no secrets, nothing typed)."""
+
+    id: str  # con_...
+    session_id: str
+    request_id: str
+    user_id: str
+    protocol: str
+    target: str | None
+    origin: str
+    since: datetime
+    bytes_in: int
+    bytes_out: int
+    replica: str  # the gateway process that holds the connection
+    updated_at: datetime  # the holder's last write (heartbeat)
 
 
 class Store(abc.ABC):
@@ -396,6 +425,39 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def end_console_sessions_for_token(self, token_hash: str) -> int: ...
+
+    # live connections (the registry every replica shares) ---------------------------
+    @abc.abstractmethod
+    async def upsert_connections(self, records: Sequence[ConnectionRecord]) -> None:
+        """Insert or refresh many connections in one transaction (byte counts, ``replica``,
+        ``updated_at``; the rest is fixed when a connection opens). The last record of an id
+        given twice wins."""
+
+    @abc.abstractmethod
+    async def delete_connections(self, ids: Collection[str]) -> int:
+        """Delete the rows of these connection ids (unknown ids are ignored); how many went."""
+
+    @abc.abstractmethod
+    async def delete_replica_connections(self, replica: str) -> int:
+        """Delete every row ``replica`` wrote (it is shutting down); how many went."""
+
+    @abc.abstractmethod
+    async def get_connection(self, connection_id: str) -> ConnectionRecord | None:
+        """The row of one connection, however old its ``updated_at``."""
+
+    @abc.abstractmethod
+    async def list_connections(
+        self,
+        fresh_after: datetime,
+        *,
+        session_id: str | None = None,
+        request_id: str | None = None,
+    ) -> list[ConnectionRecord]:
+        """Connections of every replica refreshed after ``fresh_after``, oldest first."""
+
+    @abc.abstractmethod
+    async def purge_stale_connections(self, fresh_after: datetime) -> int:
+        """Delete the rows not refreshed after ``fresh_after`` (their replica died); how many went."""
 
     # housekeeping ------------------------------------------------------------------
     @abc.abstractmethod

@@ -159,4 +159,33 @@ CREATE INDEX console_sessions_token ON console_sessions(token_hash);
 CREATE INDEX console_sessions_seen ON console_sessions(last_seen);
 """,
     ),
+    (
+        3,
+        # One registry of live connections across replicas (issue 7). Each replica writes
+        # its own connections (tunnels, browser terminals, ``ssh -J`` channels, proxied
+        # websockets) in batches off the hot path and refreshes ``updated_at`` as a
+        # heartbeat; a row not refreshed within the staleness bound belongs to a replica
+        # that died and is neither listed nor kept. No secrets, nothing a user typed.
+        # ``session_id`` has no foreign key: the rows are a cache owned by the replica that
+        # holds the connection, and a batch must never fail on one session's row.
+        """
+CREATE TABLE live_connections (
+    id          TEXT PRIMARY KEY,
+    session_id  TEXT NOT NULL,
+    request_id  TEXT NOT NULL,
+    user_id     TEXT NOT NULL,
+    protocol    TEXT NOT NULL,
+    target      TEXT,
+    origin      TEXT NOT NULL,
+    since       TEXT NOT NULL,
+    bytes_in    INTEGER NOT NULL DEFAULT 0,
+    bytes_out   INTEGER NOT NULL DEFAULT 0,
+    replica     TEXT NOT NULL,
+    updated_at  TEXT NOT NULL
+);
+CREATE INDEX live_connections_request ON live_connections(request_id);
+CREATE INDEX live_connections_replica ON live_connections(replica);
+CREATE INDEX live_connections_updated ON live_connections(updated_at);
+""",
+    ),
 ]

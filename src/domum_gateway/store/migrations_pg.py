@@ -10,7 +10,8 @@ Differences, and why:
 - timestamps stay fixed-width UTC text (``audit.format_instant``), not ``timestamptz``: the
   audit hash covers the text, and the same text in both stores keeps ``audit verify``,
   ordering and cursors identical;
-- ``seq`` is ``BIGINT``; booleans stay ``INTEGER`` 0/1 as in SQLite.
+- ``seq`` and the byte counters of ``live_connections`` are ``BIGINT``; booleans stay
+  ``INTEGER`` 0/1 as in SQLite.
 """
 
 from __future__ import annotations
@@ -164,6 +165,29 @@ CREATE TABLE console_sessions (
 );
 CREATE INDEX console_sessions_token ON console_sessions(token_hash);
 CREATE INDEX console_sessions_seen ON console_sessions(last_seen);
+""",
+    ),
+    (
+        3,
+        # See ``migrations.MIGRATIONS`` version 3.
+        """
+CREATE TABLE live_connections (
+    id          TEXT COLLATE "C" PRIMARY KEY,
+    session_id  TEXT COLLATE "C" NOT NULL,
+    request_id  TEXT COLLATE "C" NOT NULL,
+    user_id     TEXT COLLATE "C" NOT NULL,
+    protocol    TEXT COLLATE "C" NOT NULL,
+    target      TEXT COLLATE "C",
+    origin      TEXT COLLATE "C" NOT NULL,
+    since       TEXT COLLATE "C" NOT NULL,
+    bytes_in    BIGINT NOT NULL DEFAULT 0,
+    bytes_out   BIGINT NOT NULL DEFAULT 0,
+    replica     TEXT COLLATE "C" NOT NULL,
+    updated_at  TEXT COLLATE "C" NOT NULL
+);
+CREATE INDEX live_connections_request ON live_connections(request_id);
+CREATE INDEX live_connections_replica ON live_connections(replica);
+CREATE INDEX live_connections_updated ON live_connections(updated_at);
 """,
     ),
 ]

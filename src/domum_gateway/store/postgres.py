@@ -32,7 +32,7 @@ import logging
 import random
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -57,6 +57,7 @@ from ..model import (
 from . import rows as rowmap
 from .base import (
     AuditFilter,
+    ConnectionRecord,
     ConsoleSessionRecord,
     OtpIssue,
     OtpResult,
@@ -1216,6 +1217,88 @@ class PostgresStore(Store):
     async def end_console_sessions_for_token(self, token_hash: str) -> int:
         async def run(c: Any) -> int:
             return _count(await c.execute("DELETE FROM console_sessions WHERE token_hash = $1", token_hash))
+
+        return await self._write(run)
+
+    # live connections ------------------------------------------------------------
+    async def upsert_connections(self, records: Sequence[ConnectionRecord]) -> None:
+        latest = [r for _, r in sorted({r.id: r for r in records}.items())]
+        if not latest:
+            return
+        # One statement for the batch: one array per column, unnested into rows. Ids are
+        # unique (deduplicated above), which ON CONFLICT DO UPDATE requires.
+        columns = (
+            [r.id for r in latest],
+            [r.session_id for r in latest],
+            [r.request_id for r in latest],
+            [r.user_id for r in latest],
+            [r.protocol for r in latest],
+            [r.target for r in latest],
+            [r.origin for r in latest],
+            [rowmap.ts(r.since) for r in latest],
+            [r.bytes_in for r in latest],
+            [r.bytes_out for r in latest],
+            [r.replica for r in latest],
+            [rowmap.ts(r.updated_at) for r in latest],
+        )
+
+        async def run(c: Any) -> None:
+            await c.execute(
+                "INSERT INTO live_connections (id, session_id, request_id, user_id, protocol, target,"
+                " origin, since, bytes_in, bytes_out, replica, updated_at)"
+                " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
+                " $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::text[],"
+                " $12::text[])"
+                " ON CONFLICT (id) DO UPDATE SET bytes_in = excluded.bytes_in,"
+                " bytes_out = excluded.bytes_out, replica = excluded.replica,"
+                " updated_at = excluded.updated_at",
+                *columns,
+            )
+
+        await self._write(run)
+
+    async def delete_connections(self, ids: Collection[str]) -> int:
+        if not ids:
+            return 0
+        wanted = sorted(set(ids))
+
+        async def run(c: Any) -> int:
+            return _count(await c.execute("DELETE FROM live_connections WHERE id = ANY($1::text[])", wanted))
+
+        return await self._write(run)
+
+    async def delete_replica_connections(self, replica: str) -> int:
+        async def run(c: Any) -> int:
+            return _count(await c.execute("DELETE FROM live_connections WHERE replica = $1", replica))
+
+        return await self._write(run)
+
+    async def get_connection(self, connection_id: str) -> ConnectionRecord | None:
+        row = await self._one("SELECT * FROM live_connections WHERE id = $1", connection_id)
+        return rowmap.connection(row) if row else None
+
+    async def list_connections(
+        self,
+        fresh_after: datetime,
+        *,
+        session_id: str | None = None,
+        request_id: str | None = None,
+    ) -> list[ConnectionRecord]:
+        p = _Params()
+        where = [f"updated_at > {p(rowmap.ts(fresh_after))}"]
+        if session_id is not None:
+            where.append(f"session_id = {p(session_id)}")
+        if request_id is not None:
+            where.append(f"request_id = {p(request_id)}")
+        sql = "SELECT * FROM live_connections"
+        sql += " WHERE " + " AND ".join(where) + " ORDER BY since, id"
+        return [rowmap.connection(r) for r in await self._all(sql, *p.values)]
+
+    async def purge_stale_connections(self, fresh_after: datetime) -> int:
+        stale = rowmap.ts(fresh_after)
+
+        async def run(c: Any) -> int:
+            return _count(await c.execute("DELETE FROM live_connections WHERE updated_at <= $1", stale))
 
         return await self._write(run)
 

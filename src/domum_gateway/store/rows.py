@@ -31,9 +31,10 @@ from ..model import (
     Target,
 )
 from ..model import Protocol as TargetProtocol
-from .base import ConsoleSessionRecord, SecretKind, SessionSecret
+from .base import ConnectionRecord, ConsoleSessionRecord, SecretKind, SessionSecret
 
 __all__ = [
+    "connection",
     "console_session",
     "decode_cursor",
     "dt",
@@ -227,4 +228,21 @@ def console_session(r: Row) -> ConsoleSessionRecord:
         idle_until=dt_req(r["idle_until"]),
         expires_at=dt_req(r["expires_at"]),
         state=state if isinstance(state, dict) else {},
+    )
+
+
+def connection(r: Row) -> ConnectionRecord:
+    return ConnectionRecord(
+        id=r["id"],
+        session_id=r["session_id"],
+        request_id=r["request_id"],
+        user_id=r["user_id"],
+        protocol=r["protocol"],
+        target=r["target"],
+        origin=r["origin"],
+        since=dt_req(r["since"]),
+        bytes_in=int(r["bytes_in"]),
+        bytes_out=int(r["bytes_out"]),
+        replica=r["replica"],
+        updated_at=dt_req(r["updated_at"]),
     )

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -36,6 +36,7 @@ from ..model import (
 from . import rows as rowmap
 from .base import (
     AuditFilter,
+    ConnectionRecord,
     ConsoleSessionRecord,
     OtpIssue,
     OtpResult,
@@ -926,6 +927,66 @@ class SqliteStore(Store):
             cur = await w.execute("DELETE FROM console_sessions WHERE token_hash = ?", (token_hash,))
             return int(cur.rowcount)
 
+    # live connections ------------------------------------------------------------
+    async def upsert_connections(self, records: Sequence[ConnectionRecord]) -> None:
+        latest = {r.id: r for r in records}
+        if not latest:
+            return
+        async with self._tx() as w:
+            await w.executemany(
+                "INSERT INTO live_connections (id, session_id, request_id, user_id, protocol, target,"
+                " origin, since, bytes_in, bytes_out, replica, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET bytes_in = excluded.bytes_in,"
+                " bytes_out = excluded.bytes_out, replica = excluded.replica,"
+                " updated_at = excluded.updated_at",
+                [_connection_params(r) for _, r in sorted(latest.items())],
+            )
+
+    async def delete_connections(self, ids: Collection[str]) -> int:
+        if not ids:
+            return 0
+        async with self._tx() as w:
+            cur = await w.executemany(
+                "DELETE FROM live_connections WHERE id = ?", [(cid,) for cid in sorted(set(ids))]
+            )
+            return int(cur.rowcount)
+
+    async def delete_replica_connections(self, replica: str) -> int:
+        async with self._tx() as w:
+            cur = await w.execute("DELETE FROM live_connections WHERE replica = ?", (replica,))
+            return int(cur.rowcount)
+
+    async def get_connection(self, connection_id: str) -> ConnectionRecord | None:
+        row = await self._one("SELECT * FROM live_connections WHERE id = ?", (connection_id,))
+        return rowmap.connection(row) if row else None
+
+    async def list_connections(
+        self,
+        fresh_after: datetime,
+        *,
+        session_id: str | None = None,
+        request_id: str | None = None,
+    ) -> list[ConnectionRecord]:
+        where = ["updated_at > ?"]
+        params: list[Any] = [rowmap.ts(fresh_after)]
+        if session_id is not None:
+            where.append("session_id = ?")
+            params.append(session_id)
+        if request_id is not None:
+            where.append("request_id = ?")
+            params.append(request_id)
+        sql = "SELECT * FROM live_connections"
+        sql += " WHERE " + " AND ".join(where) + " ORDER BY since, id"
+        return [rowmap.connection(r) for r in await self._all(sql, params)]
+
+    async def purge_stale_connections(self, fresh_after: datetime) -> int:
+        async with self._tx() as w:
+            cur = await w.execute(
+                "DELETE FROM live_connections WHERE updated_at <= ?", (rowmap.ts(fresh_after),)
+            )
+            return int(cur.rowcount)
+
     async def purge_expired(self, now: datetime) -> int:
         nows = rowmap.ts(now)
         async with self._tx() as w:
@@ -1005,6 +1066,23 @@ def _log_failure(step: str, exc: sqlite3.Error) -> None:
     # SQLite's messages ("database is locked", "database or disk is full", "disk I/O error")
     # name the cause an operator must fix and carry no data; the change is refused (503).
     log.error("store.%s_failed code=%s detail=%s (refused: fail closed)", step, _code(exc), exc)
+
+
+def _connection_params(r: ConnectionRecord) -> tuple[Any, ...]:
+    return (
+        r.id,
+        r.session_id,
+        r.request_id,
+        r.user_id,
+        r.protocol,
+        r.target,
+        r.origin,
+        rowmap.ts(r.since),
+        r.bytes_in,
+        r.bytes_out,
+        r.replica,
+        rowmap.ts(r.updated_at),
+    )
 
 
 def _split_sql(sql: str) -> list[str]:
