@@ -26,7 +26,7 @@ from ..auth.origin import normalise_address
 from ..auth.secrets import hash_secret
 from ..auth.windows import parse_instant
 from ..clock import Clock
-from ..errors import Conflict, DomumError, Forbidden, NotFound, Unauthorized, ValidationError
+from ..errors import BadRequest, Conflict, DomumError, Forbidden, NotFound, Unauthorized, ValidationError
 from ..model import ApiToken, RequestStatus, Role
 from ..store.base import CONNECTION_STALE_AFTER, AuditFilter, ConnectionRecord, RequestFilter, Store
 from .console_session import COOKIE as CONSOLE_COOKIE
@@ -111,6 +111,8 @@ class ApiContext:
         self.cut_wait = 2.0
         # Read-only live view of browser terminals; None where terminals are not served.
         self.watch: LiveWatch | None = None
+        # (method, path) -> the query parameters the operation takes (from the OpenAPI).
+        self.query_names: dict[tuple[str, str], frozenset[str]] = {}
 
 
 CTX = web.AppKey("api_ctx", ApiContext)
@@ -155,8 +157,24 @@ async def api_auth_middleware(request: web.Request, handler: Handler) -> web.Str
         return await handler(request)
     if _rank(token.role) < _rank(need):
         raise Forbidden(f"The {token.role.value} role may not do this.")
+    if request.query:
+        _refuse_unknown_query(request, ctx, canonical)
     request[API_TOKEN] = token
     return await handler(request)
+
+
+def _refuse_unknown_query(request: web.Request, ctx: ApiContext, canonical: str | None) -> None:
+    """400 for a query parameter the operation does not take (``?stauts=`` is a typo, not
+    "no filter"): the names come from the OpenAPI document, the one list of them."""
+    method = "GET" if request.method == "HEAD" else request.method
+    allowed = ctx.query_names.get((method, canonical or ""))
+    if allowed is None:
+        return  # not an operation of the document (aiohttp answers 404/405)
+    unknown = sorted({k for k in request.query if k not in allowed})
+    if unknown:
+        takes = ", ".join(sorted(allowed)) or "none"
+        shown = ", ".join(repr(k[:40]) for k in unknown[:5])
+        raise BadRequest(f"Unknown query parameter {shown}; this operation takes: {takes}.")
 
 
 async def _console_token(request: web.Request) -> ApiToken:
@@ -683,6 +701,10 @@ def add_api_routes(
     for method, path, handler, role in [*ROUTES, *(extra or [])]:
         app.router.add_route(method, path, handler)
         ctx.roles[(method, path)] = role
+    for path, ops in build_openapi()["paths"].items():
+        for method, op in ops.items():
+            names = frozenset(p["name"] for p in op.get("parameters", ()) if p["in"] == "query")
+            ctx.query_names[(method.upper(), path)] = names
 
     async def close_watchers(app: web.Application) -> None:
         watch = app[CTX].watch

@@ -112,15 +112,17 @@ class Reader:
         if not isinstance(value, str):
             self.fail(name, "must be a string")
             return default
-        value = value.strip()
-        if len(value) < min_len:
-            self.fail(name, "must not be empty" if min_len == 1 else f"must be at least {min_len} characters")
-            return default
+        # Length and control characters as sent (the schema's maxLength is about what is
+        # sent, and strip() would quietly drop control characters such as \x1f at the ends).
         if len(value) > max_len:
             self.fail(name, f"must be at most {max_len} characters")
             return default
         if any(ord(c) < 32 and c not in "\t\n" for c in value) or "\x7f" in value:
             self.fail(name, "must not contain control characters")
+            return default
+        value = value.strip()
+        if len(value) < min_len:
+            self.fail(name, "must not be empty" if min_len == 1 else f"must be at least {min_len} characters")
             return default
         return value
 

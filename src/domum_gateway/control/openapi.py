@@ -398,6 +398,7 @@ def _q(name: str, schema: dict[str, Any], desc: str) -> dict[str, Any]:
 
 
 _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+_ID64 = {"type": "string", "maxLength": 64}  # ids and names in filters (longer: 422)
 _PAGE = [
     _q("limit", {"type": "integer", "minimum": 1}, "page size"),
     _q("cursor", {"type": "string"}, "next_cursor of the previous page"),
@@ -434,7 +435,13 @@ def _crud(
                 body=f"{schema}Input",
                 errors=(409,),
             ),
-            "get": _op(f"List {noun}", "auditor", _ok("200", "list", _list_of(schema)), params=extra_list),
+            "get": _op(
+                f"List {noun}",
+                "auditor",
+                _ok("200", "list", _list_of(schema)),
+                params=extra_list,
+                errors=(422,) if extra_list else (),
+            ),
         },
         base + "/{id}": item,
     }
@@ -447,7 +454,7 @@ def build_openapi() -> dict[str, Any]:
         },
     }
     paths.update(_crud("groups", "Group"))
-    paths.update(_crud("users", "User", extra_list=[_q("group_id", {"type": "string"}, "only this group")]))
+    paths.update(_crud("users", "User", extra_list=[_q("group_id", _ID64, "only this group")]))
     paths["/api/v1/users/{id}"]["delete"]["parameters"] = [
         *_ID,
         _q("erase", {"type": "boolean"}, "keep the record but erase name, e-mail and phone"),
@@ -482,8 +489,8 @@ def build_openapi() -> dict[str, Any]:
             _ok("200", "a page", _list_of("AccessRequest")),
             params=[
                 _q("status", status, "filter"),
-                _q("user_id", {"type": "string"}, "filter"),
-                _q("group_id", {"type": "string"}, "filter"),
+                _q("user_id", _ID64, "filter"),
+                _q("group_id", _ID64, "filter"),
                 *_PAGE,
             ],
             errors=(400, 422),
@@ -530,7 +537,8 @@ def build_openapi() -> dict[str, Any]:
             "Live sessions",
             "auditor",
             _ok("200", "list", _list_of("Session")),
-            params=[_q("request_id", {"type": "string"}, "filter")],
+            params=[_q("request_id", _ID64, "filter")],
+            errors=(422,),
         ),
     }
     end = _op(
@@ -592,8 +600,8 @@ def build_openapi() -> dict[str, Any]:
             _ok("200", "a page", _list_of("AuditEvent")),
             params=[
                 _q("since", {"type": "string", "format": "date-time"}, "events at or after"),
-                _q("type", {"type": "string"}, "event type, e.g. request.forwarded"),
-                _q("request_id", {"type": "string"}, "events of one request"),
+                _q("type", _ID64, "event type, e.g. request.forwarded"),
+                _q("request_id", _ID64, "events of one request"),
                 *_PAGE,
             ],
             errors=(400, 422),
