@@ -108,13 +108,13 @@ class Ext4Disk:
         self.mnt = mnt
         self.loop = ""
 
-    def mount(self) -> None:
+    def mount(self, options: str = "") -> None:
         done = _run("losetup", "-f", "--show", str(self.image))
         if done.returncode != 0:
             pytest.skip(f"no loop device: {done.stderr.strip()}")
         self.loop = done.stdout.strip()
         _run("blockdev", "--setrw", self.loop)
-        done = _run("mount", "-t", "ext4", self.loop, str(self.mnt))
+        done = _run("mount", "-t", "ext4", *(["-o", options] if options else []), self.loop, str(self.mnt))
         if done.returncode != 0:
             self.detach()
             pytest.skip(f"cannot mount ext4 here: {done.stderr.strip()}")
@@ -130,6 +130,15 @@ class Ext4Disk:
             fcntl.ioctl(fd, 0x8004587D, struct.pack("I", 2))  # EXT4_GOING_FLAGS_NOLOGFLUSH
         finally:
             os.close(fd)
+
+    def turn_read_only(self) -> None:
+        """Report a file-system error to ext4 (its sysfs ``trigger_fs_error``): mounted with
+        ``errors=remount-ro`` it goes read-only at once, open files included (EROFS), as a
+        server's disk does after a detected corruption."""
+        trigger = Path("/sys/fs/ext4") / Path(self.loop).name / "trigger_fs_error"
+        if not trigger.exists():
+            pytest.skip("this kernel has no ext4 trigger_fs_error")
+        trigger.write_text("domum fault test\n")
 
     def unmount(self) -> None:
         _run("umount", str(self.mnt))

@@ -213,6 +213,39 @@ async def test_disk_failure_refuses_and_loses_nothing_committed(
         await _works_again(again, sd, request_id, (count, 0))
 
 
+async def test_file_system_turning_read_only_at_run_time_fails_closed(
+    tmp_path: Path, smtp: tuple[Mailbox, int], ext4_disk: Ext4Disk, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ext4 remounts itself read-only under a running gateway (``errors=remount-ro`` after
+    an error): changes are 503, nothing is granted that would need a write, and after the
+    disk is checked and mounted again every committed change is there, whole."""
+    ext4_disk.unmount()
+    ext4_disk.mount("errors=remount-ro")
+    db = ext4_disk.mnt / "domum.db"
+    store = SqliteStore(db, busy_timeout_ms=BUSY_MS)
+    async with fault_gateway(tmp_path, smtp, db=db, store=store) as run:
+        sd = await seed(run)
+        request_id, link = await create_forwarded(run, sd)
+        before = await _snapshot(run)
+        ext4_disk.turn_read_only()
+        with caplog.at_level(logging.WARNING):
+            await _writes_fail_closed(run, sd, request_id, link)
+            async with client_for(run) as fresh:  # no session can be recorded: none is given
+                await fresh.get(link)
+                page = await fresh.post(f"{link}/verify", {"token": "12345678"})
+                assert page.status in (403, 503), page.text
+                assert fresh.cookie(COOKIE) is None
+        assert _store_errors(caplog, "SQLITE_"), caplog.text
+    ext4_disk.unmount()
+    done = subprocess.run(
+        ["e2fsck", "-fy", str(ext4_disk.image)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode in (0, 1), done.stdout + done.stderr  # 1: errors corrected
+    ext4_disk.mount()
+    async with fault_gateway(tmp_path, smtp, db=db, tokens_of=run) as again:
+        await _works_again(again, sd, request_id, before)
+
+
 async def test_read_only_file_system_refuses_to_start(tmp_path: Path, small_fs: Path) -> None:
     db = small_fs / "data" / "domum.db"
     settings = make_settings(tmp_path, storage={"url": f"sqlite:///{db}"})
