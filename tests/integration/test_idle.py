@@ -288,3 +288,35 @@ async def test_idle_metric_is_observed(running: Running) -> None:
     assert st == 200
     count = [ln for ln in text.splitlines() if ln.startswith('domum_cutoff_seconds_count{cause="idle"}')]
     assert count and float(count[0].split()[1]) == 1, count
+
+
+async def test_a_policy_change_re_arms_the_idle_timer(running: Running) -> None:
+    """An administrator shortens the group's idle timeout while a session is open: the
+    session's timer moves to the new deadline at once (through the bus), not at the old one."""
+    async with EchoServer() as echo:
+        ws = await _tunnel(running, echo.port)
+        try:
+            assert await ws.roundtrip() == PROBE
+            (live,) = running.gateway.sessions.live_sessions()
+            loop = asyncio.get_running_loop()
+            assert live.idle_timer is not None
+            assert live.idle_timer.when() - loop.time() > 10 * 60  # the default 15 minutes
+            async with running.admin() as s:
+                st, group = await call(s, "GET", "/api/v1/groups")
+                gid = next(g["id"] for g in group["items"] if g["id"] == live.grant.group_id)
+                st, body = await call(
+                    s,
+                    "PATCH",
+                    f"/api/v1/groups/{gid}",
+                    {"policy": {"idle_timeout": {"value": 1, "unit": "minutes"}}},
+                )
+                assert st == 200, body
+
+            def moved() -> bool:
+                t = live.idle_timer
+                return t is not None and t.when() - loop.time() < 61
+
+            await wait_until(moved)
+            assert live.grant.idle_timeout_seconds == 60 and not live.ended
+        finally:
+            await ws.aclose()
