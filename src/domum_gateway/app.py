@@ -124,8 +124,11 @@ class Gateway:
         self.scheduler = Scheduler(self.service, self.store, self.retention, metrics=self.metrics)
         # A replica's name in the shared connection registry: the id its notifications and
         # its listening connection already carry on PostgreSQL (random per start anyway).
+        shared = isinstance(self.store, PostgresStore)
         replica = self.store.instance_id if isinstance(self.store, PostgresStore) else None
-        self.sessions = SessionManager(self.store, self.clock, self.bus, self.metrics, replica=replica)
+        self.sessions = SessionManager(
+            self.store, self.clock, self.bus, self.metrics, replica=replica, shared=shared
+        )
         self.login = LoginService(self.store, self.clock, self.sessions, self._send_token, self.metrics)
         self.public_ctx = PublicContext(
             settings, self.store, self.clock, self.bus, self.metrics, self.sessions, self.login

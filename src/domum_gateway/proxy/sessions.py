@@ -181,6 +181,7 @@ class SessionManager:
         *,
         replica: str | None = None,
         heartbeat: float = 30.0,
+        shared: bool = True,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -191,6 +192,10 @@ class SessionManager:
         self.heartbeat = heartbeat
         # Names this process in the shared registry (``live_connections.replica``).
         self.replica = replica or secrets.token_hex(8)
+        # Whether to write the registry to the store at all: only replicas sharing a
+        # database need it (SQLite is one process, and a 1,000-row upsert every flush
+        # would hold its single writer lock against revokes and logins).
+        self.shared = shared
         self._by_hash: dict[str, LiveSession] = {}
         self._by_id: dict[str, LiveSession] = {}
         self._grants: dict[str, _GrantEntry] = {}
@@ -233,10 +238,11 @@ class SessionManager:
         with contextlib.suppress(DomumError):
             await self.flush()
         # Whatever is left of ours in the shared registry (a failed flush, a stray row).
-        try:
-            await self._store.delete_replica_connections(self.replica)
-        except DomumError as exc:
-            log.warning("sessions.registry_not_cleared replica=%s detail=%s", self.replica, exc.detail)
+        if self.shared:
+            try:
+                await self._store.delete_replica_connections(self.replica)
+            except DomumError as exc:
+                log.warning("sessions.registry_not_cleared replica=%s detail=%s", self.replica, exc.detail)
         for task in list(self._tasks):
             task.cancel()
 
@@ -806,6 +812,8 @@ class SessionManager:
 
     async def _flush_connections(self) -> None:
         """One upsert (new, moved, or every row when the heartbeat is due), then one delete."""
+        if not self.shared:
+            return
         started = time.monotonic()
         beat = started - self._beat_at >= self.heartbeat
         now = self._clock.now()
