@@ -16,7 +16,9 @@ drives the real OpenSSH client through the gateway's jump server with this helpe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -151,8 +153,11 @@ class JumpClient:
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
         except TimeoutError:
-            proc.kill()
-            out, err = await proc.communicate()
+            # The whole process group: ``ssh -J`` and ``scp`` run helper ssh processes that
+            # would otherwise keep the pipes open (and ``communicate`` waiting) for ever.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = await asyncio.wait_for(proc.communicate(), 10)
         assert proc.returncode is not None
         return SshResult(proc.returncode, out, err.decode(errors="replace"))
 
