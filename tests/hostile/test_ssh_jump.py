@@ -25,8 +25,8 @@ from ..conftest import Running
 from ..integration.helpers import Seed, create_forwarded, seed
 from ..integration.test_jump import audit_events, jump_client, seed_ssh
 from ..peers.askpass import JumpClient
+from ..peers.hostile_ssh import GREETINGS, HostileTarget, registry_empty
 from ..peers.sshd import Sshd, sshd_available
-from .test_terminal_socket import GREETINGS, HostileTarget
 
 pytestmark = pytest.mark.asyncio
 
@@ -288,13 +288,6 @@ async def _jump(run: Running, sd: Seed, link: str) -> asyncssh.SSHClientConnecti
     )
 
 
-async def _registry_empty(run: Running, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while run.gateway.sessions.connections():
-        assert time.monotonic() < deadline, run.gateway.sessions.connections()
-        await asyncio.sleep(0.02)
-
-
 @pytest.mark.parametrize("behaviour", list(GREETINGS))
 async def test_channel_to_a_stalling_target_opens_at_once_and_relays_it_verbatim(
     running: Running, behaviour: str
@@ -325,7 +318,7 @@ async def test_channel_to_a_stalling_target_opens_at_once_and_relays_it_verbatim
             writer.close()
             await target.all_closed()
             assert target.accepted == 2
-        await _registry_empty(running)
+        await registry_empty(running)
     [opened, _again] = await audit_events(running, "ssh.channel.opened", 2)
     assert opened["details"]["target"] == "db01"
 
@@ -357,7 +350,7 @@ async def test_target_that_never_accepts_tcp_fails_the_channel_within_connect_ti
             assert exc.value.code == asyncssh.OPEN_CONNECT_FAILED
             assert exc.value.reason == "db01 could not be reached from the gateway"
             assert len(running.gateway.sessions.connections()) == 1  # the jump itself lives on
-        await _registry_empty(running)
+        await registry_empty(running)
     [event] = await audit_events(running, "ssh.channel.refused", 1)
     assert event["details"]["reason"] == "unreachable" and event["details"]["target"] == "db01"
 
@@ -390,7 +383,7 @@ async def test_client_leaving_during_the_tcp_connect_leaves_no_target_connection
         with dialled:
             dialled.setblocking(False)
             assert await asyncio.wait_for(loop.sock_recv(dialled, 1), 2) == b""  # closed at once
-    await _registry_empty(running)
+    await registry_empty(running)
     assert 'domum_sessions_active{protocol="ssh"} 0.0' in running.gateway.metrics.render().decode()
 
 
@@ -425,4 +418,4 @@ async def test_openssh_through_the_jump_bounds_a_silent_target_itself(
         assert result.returncode == 255, result.stderr
         assert "timed out during banner exchange" in result.stderr, result.stderr
         await target.all_closed()
-    await _registry_empty(running)
+    await registry_empty(running)

@@ -17,7 +17,6 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import TracebackType
 
 import asyncssh
 import pytest
@@ -25,6 +24,7 @@ import pytest
 from ..conftest import Running
 from ..integration.helpers import call, create_forwarded, login_direct, seed
 from ..integration.test_ssh_terminal import PASSWORD, USER
+from ..peers.hostile_ssh import GREETINGS, HostileTarget, registry_empty
 from ..peers.public_client import gateway_with
 from ..peers.smtp import Mailbox
 from ..peers.sshd import Sshd, ensure_user, sshd_available
@@ -259,79 +259,6 @@ async def test_frames_after_revoke_reach_nothing(running: Running, cookie: tuple
 # hostile targets ---------------------------------------------------------------------
 HANDSHAKE = 1.0  # ssh.handshake_timeout of the gateway below (the default is 15 s)
 
-GREETINGS = {
-    "silent": b"",
-    "banner_only": b"SSH-2.0-x\r\n",
-    "banner_and_garbage": b"SSH-2.0-x\r\n" + b"\xde\xad\xbe\xef" * 64,
-    # A packet header promising 1 KiB, then 100 bytes of it: a stall inside the first packet.
-    "banner_and_half_a_packet": b"SSH-2.0-x\r\n" + struct.pack(">IB", 1020, 8) + bytes(95),
-}
-
-
-class HostileTarget:
-    """A TCP "SSH target" on 127.0.0.1: greets each connection with ``greeting``, then
-    reads whatever comes and never answers, until the peer closes."""
-
-    def __init__(self, greeting: bytes) -> None:
-        self.greeting = greeting
-        self.accepted = 0
-        self.received = bytearray()
-        self.port = 0
-        self._open: set[asyncio.StreamWriter] = set()
-        self._handlers: set[asyncio.Task[None]] = set()
-        self._changed = asyncio.Event()
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> HostileTarget:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._open):
-            writer.close()
-        if self._handlers:
-            await asyncio.wait(list(self._handlers), timeout=2)
-        await self._server.wait_closed()
-
-    @property
-    def open(self) -> int:
-        """Connections the gateway still holds to this target."""
-        return len(self._open)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        self.accepted += 1
-        self._open.add(writer)
-        try:
-            writer.write(self.greeting)
-            await writer.drain()
-            while data := await reader.read(65536):
-                self.received += data
-        except ConnectionError:
-            pass
-        finally:
-            self._open.discard(writer)
-            writer.close()
-            self._handlers.discard(task)
-            self._changed.set()
-
-    async def all_closed(self, timeout: float = 3.0) -> None:
-        """Wait until every connection to this target was closed by the gateway."""
-        deadline = time.monotonic() + timeout
-        while self._open:
-            self._changed.clear()
-            left = deadline - time.monotonic()
-            assert left > 0, f"the gateway still holds {len(self._open)} connection(s) to the target"
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), left)
-
 
 @pytest.fixture
 async def quick(tmp_path: Path, mailbox: tuple[Mailbox, int]) -> AsyncIterator[Running]:
@@ -349,13 +276,6 @@ async def _grant(run: Running, port: int) -> tuple[str, str]:
     )
     _rid, link = await create_forwarded(run, sd)
     return sd.target_id, await login_direct(run, sd, link)
-
-
-async def _registry_empty(run: Running, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while run.gateway.sessions.connections():
-        assert time.monotonic() < deadline, run.gateway.sessions.connections()
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("behaviour", list(GREETINGS))
@@ -388,7 +308,7 @@ async def test_target_that_never_finishes_the_handshake_is_given_up_on(
         for leak in ("Traceback", "asyncssh", "Error", "\ufffd", "\xde"):
             assert leak not in text, text  # no stack trace, exception name or target bytes
         await target.all_closed()
-    await _registry_empty(quick)
+    await registry_empty(quick)
     async with quick.admin() as s:
         st, page = await call(s, "GET", "/api/v1/audit?type=ssh.terminal.refused&limit=10")
     assert st == 200, page
@@ -417,7 +337,7 @@ async def test_real_sshd_after_a_hostile_one_and_a_slow_typist(quick: Running, t
         finally:
             sock.close()
         await target.all_closed()
-    await _registry_empty(quick)
+    await registry_empty(quick)
     ensure_user(USER, PASSWORD)
     with Sshd.running(tmp_path / "pam", password=True) as sshd:
         async with quick.admin() as s:
@@ -435,4 +355,4 @@ async def test_real_sshd_after_a_hostile_one_and_a_slow_typist(quick: Running, t
             assert len(quick.gateway.sessions.connections()) == 1
         finally:
             sock.close()
-    await _registry_empty(quick)
+    await registry_empty(quick)

@@ -251,12 +251,22 @@ async def test_activity_recorded_by_another_replica_postpones_the_idle_end(runni
             await ws.aclose()
 
 
-async def test_idle_check_fails_closed_when_the_store_cannot_answer(running: Running) -> None:
+async def test_idle_check_fails_closed_when_the_store_cannot_answer(
+    running: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store holds recent activity from another replica, but cannot be read when the
+    local deadline comes: the session ends at the local deadline (fail closed), not at the
+    later one the store would have given."""
     async with EchoServer() as echo:
         ws = await _tunnel(running, echo.port)
         try:
             assert await ws.roundtrip() == PROBE
+            shorten_idle(running)
+            (live,) = running.gateway.sessions.live_sessions()
+            await asyncio.sleep(IDLE * 0.75)
             store = running.gateway.store
+            await store.touch_sessions({live.id: datetime.now(UTC)})  # "another replica"
+            elsewhere = time.monotonic()
             original = store.get_session
 
             async def broken(session_id: str) -> None:
@@ -264,11 +274,13 @@ async def test_idle_check_fails_closed_when_the_store_cannot_answer(running: Run
 
             store.get_session = broken  # type: ignore[method-assign]
             try:
-                shorten_idle(running, 1)
-                code, reason = await ws.closed(timeout=6)
+                code, reason = await ws.closed(timeout=IDLE + 5)
             finally:
                 store.get_session = original  # type: ignore[method-assign]
             assert code == 1008 and REASON in reason, (code, reason)
+            # well before elsewhere + IDLE, the deadline the store would have given
+            assert ws.closed_at - elsewhere < IDLE * 0.6, ws.closed_at - elsewhere
+            assert "sessions.idle_check_failed" in caplog.text
         finally:
             await ws.aclose()
 
